@@ -239,3 +239,10 @@ def domain_from_codings(codings: list[dict]) -> str:
         elif system == SDOHCC and found is None:
             found = SDOH_DOMAIN.internal(code)
     return found or UNMAPPED_DOMAIN
+
+CONFIDENTIALITY_RESTRICTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality", "code": "R",
+                              "display": "restricted"}
+NO_REDISCLOSURE = {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "NORDSCLCD",
+                   "display": "no redisclosure without consent directive"}
+POLICY_42_CFR_PART_2 = {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "42CFRPart2",
+                        "display": "42 CFR Part2"}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from mappings import careplan, careteam, condition, goal, ids, patient, service_request, task
+from mappings import careplan, careteam, codes, condition, goal, ids, patient, service_request, task
 from mappings.common import fhir_id, reference
 from mappings.residual import merge
 from service.domain import Case, TeamMember
@@ -40,7 +40,11 @@ def case_resources(case: Case, with_kept_fhir: bool = True, case_ids: CaseIds | 
 
 
 def _resources(case: Case, case_ids: CaseIds, kept: bool) -> Iterator[dict]:
-    def out(resource: dict, extras) -> dict:
+    restricted = set(case.sharing.restricted_domains)
+
+    def out(resource: dict, extras, domain: str | None = None) -> dict:
+        if domain in restricted:
+            resource["meta"] = {**resource.get("meta", {}), "security": security_labels(domain)}
         if kept and extras and extras.get("patch"):
             return merge(resource, extras["patch"])
         return resource
@@ -64,15 +68,16 @@ def _resources(case: Case, case_ids: CaseIds, kept: bool) -> Iterator[dict]:
         yield out(careteam.practitioner_to_fhir(member, case_ids.members[member.id]), member.fhir)
     yield out(patient.to_fhir(case.client, case_ids.patient), case.client.fhir)
     for need in case.needs:
-        yield out(condition.to_fhir(need, case_ids.needs[need.id], subject), need.fhir)
+        yield out(condition.to_fhir(need, case_ids.needs[need.id], subject), need.fhir, need.domain)
     for g in case.goals:
-        yield out(goal.to_fhir(g, case_ids.goals[g.id], subject, need_ref), g.fhir)
+        yield out(goal.to_fhir(g, case_ids.goals[g.id], subject, need_ref), g.fhir, g.domain)
     for service in case.services:
         request_id = case_ids.services[service.id]
-        yield out(service_request.to_fhir(service, request_id, subject, requester, need_ref, goal_ref), service.fhir)
+        yield out(service_request.to_fhir(service, request_id, subject, requester, need_ref, goal_ref), service.fhir,
+                  service.domain)
         if service.kind == "referral":
             yield out(task.to_fhir(service, case_ids.tasks[service.id], reference("ServiceRequest", request_id),
-                                   subject, requester), service.task_fhir)
+                                   subject, requester), service.task_fhir, service.domain)
     yield out(careteam.care_team_to_fhir(case.case_manager, case.care_team, case_ids.care_team, subject,
                                          member_ref, org_ref), case.care_team_fhir)
     refs = careplan.PlanRefs(
@@ -83,6 +88,15 @@ def _resources(case: Case, case_ids: CaseIds, kept: bool) -> Iterator[dict]:
     if kept:
         for other in (case.fhir or {}).get("others", ()):
             yield other["resource"]
+
+
+def security_labels(domain: str) -> list[dict]:
+    """Labels on a resource of a restricted domain: restricted confidentiality, no redisclosure, and
+    for substance use the 42 CFR Part 2 policy."""
+    labels = [dict(codes.CONFIDENTIALITY_RESTRICTED), dict(codes.NO_REDISCLOSURE)]
+    if domain == "substance_use":
+        labels.append(dict(codes.POLICY_42_CFR_PART_2))
+    return labels
 
 
 def case_bundle(case: Case, bundle_type: str = "collection", base_url: str = DEFAULT_BASE_URL) -> dict:

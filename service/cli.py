@@ -7,7 +7,8 @@ line per problem, with exit status 1; anything unexpected is an ``internal error
 from __future__ import annotations
 
 import functools
-from typing import Any, BinaryIO, Callable, NoReturn, TypeVar
+from collections.abc import Callable
+from typing import Any, BinaryIO, NoReturn, TypeVar
 
 import click
 import orjson

@@ -285,3 +285,22 @@ def rule_violations(case: Case) -> list[tuple[str, str]]:
 
 def _date_key(value: str) -> str:
     return value[:10]
+
+
+def shareable(case: Case) -> Case:
+    """The case as it may leave the owning organization: without the needs, goals and services of a
+    restricted domain (and the links to them) and without confidential notes."""
+    from dataclasses import replace
+
+    restricted = set(case.sharing.restricted_domains)
+    needs = [n for n in case.needs if n.domain not in restricted]
+    goals = [g for g in case.goals if g.domain not in restricted]
+    need_ids, goal_ids = {n.id for n in needs}, {g.id for g in goals}
+    return replace(
+        case,
+        needs=needs,
+        goals=[replace(g, addresses=[a for a in g.addresses if a in need_ids]) for g in goals],
+        services=[replace(s, goals=[g for g in s.goals if g in goal_ids], needs=[n for n in s.needs if n in need_ids])
+                  for s in case.services if s.domain not in restricted],
+        notes=[n for n in case.notes if not n.confidential],
+    )

@@ -15,7 +15,8 @@ from __future__ import annotations
 import calendar
 import math
 import re
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, post_dump, post_load, validates_schema
 
@@ -63,20 +64,31 @@ def _json_kind(value: object) -> str:
 # ---------------------------------------------------------------------------------------------- fields
 
 
-class Text(fields.Field):
-    """A string that is not empty and not only whitespace; kept exactly as given."""
+class _Plain(fields.Field):
+    """A field whose JSON value is its loaded value. ``convert`` checks it, for marshmallow and for the
+    compiled plan alike, and raises ``ValidationError``; dumping gives the value back as it is."""
 
-    default_error_messages = {
-        **_MESSAGES,
-        "invalid": "must be a string",
-        "blank": "must not be empty or only whitespace",
-    }
+    default_error_messages = _MESSAGES
 
     def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> Any:
         return self.convert(value)
 
+    def convert(self, value: Any) -> Any:
+        raise NotImplementedError
+
+    def _serialize(self, value: Any, attr: Any, obj: Any, **kwargs: Any) -> Any:
+        return value
+
+
+class Text(_Plain):
+    """A string that is not empty and not only whitespace; kept exactly as given."""
+
+    default_error_messages = {
+        "invalid": "must be a string",
+        "blank": "must not be empty or only whitespace",
+    }
+
     def convert(self, value: Any) -> str:
-        """The loaded value; raises ``ValidationError``. Shared by marshmallow and the compiled plan."""
         if type(value) is not str:
             raise self.make_error("invalid")
         if not value or value.isspace():
@@ -84,9 +96,6 @@ class Text(fields.Field):
         return self._check(value)
 
     def _check(self, value: str) -> str:
-        return value
-
-    def _serialize(self, value: Any, attr: Any, obj: Any, **kwargs: Any) -> Any:
         return value
 
 
@@ -180,30 +189,21 @@ class DateTime(Text):
         return value
 
 
-class Bool(fields.Field):
+class Bool(_Plain):
     """JSON ``true`` or ``false`` and nothing else (no "yes", no 1)."""
 
-    default_error_messages = {**_MESSAGES, "invalid": "must be true or false"}
-
-    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> Any:
-        return self.convert(value)
+    default_error_messages = {"invalid": "must be true or false"}
 
     def convert(self, value: Any) -> bool:
         if type(value) is not bool:
             raise self.make_error("invalid")
         return value
 
-    def _serialize(self, value: Any, attr: Any, obj: Any, **kwargs: Any) -> Any:
-        return value
 
-
-class Number(fields.Field):
+class Number(_Plain):
     """A finite JSON number, loaded as a float."""
 
-    default_error_messages = {**_MESSAGES, "invalid": "must be a number"}
-
-    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> Any:
-        return self.convert(value)
+    default_error_messages = {"invalid": "must be a number"}
 
     def convert(self, value: Any) -> float:
         if type(value) not in (int, float):
@@ -216,32 +216,23 @@ class Number(fields.Field):
             raise self.make_error("invalid")
         return number
 
-    def _serialize(self, value: Any, attr: Any, obj: Any, **kwargs: Any) -> Any:
-        return value
 
-
-class Opaque(fields.Field):
+class Opaque(_Plain):
     """A JSON object passed through unchanged (what a FHIR partner sent that the record does not model)."""
 
-    default_error_messages = {**_MESSAGES, "invalid": "must be an object"}
+    default_error_messages = {"invalid": "must be an object"}
 
     def __init__(self, **kwargs: Any):
         super().__init__(allow_none=True, **kwargs)
-
-    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> Any:
-        return self.convert(value)
 
     def convert(self, value: Any) -> dict[str, Any]:
         if not isinstance(value, dict):
             raise self.make_error("invalid")
         return value
 
-    def _serialize(self, value: Any, attr: Any, obj: Any, **kwargs: Any) -> Any:
-        return value
-
 
 def _list(inner: fields.Field, **kwargs: Any) -> fields.List:
-    return fields.List(inner, error_messages={**_MESSAGES, "invalid": "must be a list"}, **kwargs)
+    return fields.List(inner, error_messages={"invalid": "must be a list"}, **kwargs)
 
 
 def _one(schema: type[Schema], **kwargs: Any) -> fields.Nested:
@@ -531,7 +522,7 @@ def _value_loader(field: fields.Field) -> Loader:
         return _each(item) if field.many else item
     if isinstance(field, fields.List):
         return _each(_value_loader(field.inner))
-    if isinstance(field, (Text, Bool, Number, Opaque)):
+    if isinstance(field, _Plain):
         return field.convert
     raise TypeError(f"the compiled plan does not support {type(field).__name__} fields")
 

@@ -65,8 +65,9 @@ def _command(error: Exception) -> click.Command:
 
 
 def test_problems_are_listed_one_per_line(runner: CliRunner) -> None:
-    error = Invalid("the case record is not valid (2 problems)",
-                    [Problem("goals.0.status", "must be one of: proposed, active"), Problem("", "whole record")])
+    error = Invalid("the case record is not valid (2 problems)", [
+        Problem("goals.0.status", "must be one of: proposed, active"), Problem("", "whole record"),
+    ])
     result = runner.invoke(_command(error))
     assert result.exit_code == EXIT_INVALID
     assert result.stderr.splitlines() == [

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from marshmallow import ValidationError
@@ -145,8 +146,9 @@ def full_case() -> domain.Case:
         goals=[domain.Goal(id="g", description="d", status="not_achieved", target=domain.Target("m"),
                            progress=[domain.ProgressEntry("2023-05-01T10:00:00.5+14:00", "n")],
                            addresses=["n"])],
-        services=[domain.Service(id="s", kind="equipment", description="d", provider=domain.Provider(email="e"),
-                                 status="cancelled", priority="stat", requested="2023",
+        services=[domain.Service(id="s", kind="equipment", description="d",
+                                 provider=domain.Provider(email="e"), status="cancelled", priority="stat",
+                                 requested="2023",
                                  scheduled="2023-06-01T00:00:00Z", goals=["g"], needs=["n"], notes=["x"],
                                  task_fhir={"owner": {"display": "someone"}})],
         notes=[domain.Note(id="note", time="2016-12-31T23:59:60Z", text="t", confidential=True)],
@@ -226,7 +228,8 @@ def test_date_times_accept_dates_and_times_with_a_zone(value: str) -> None:
 def test_a_time_needs_a_time_zone() -> None:
     data = minimal(notes=[{"id": "n", "time": "2024-05-17T10:00:00", "text": "t"}])
     assert problems(data) == [("notes.0.time", "a time needs a time zone (Z or +hh:mm)")]
-    for value in ("2024-05-17T10:00Z", "2024-05-17T25:00:00Z", "2024-05-17T10:00:00+15:00", "2024-02-30T10:00:00Z"):
+    for value in ("2024-05-17T10:00Z", "2024-05-17T25:00:00Z", "2024-05-17T10:00:00+15:00",
+                  "2024-02-30T10:00:00Z"):
         assert paths(minimal(notes=[{"id": "n", "time": value, "text": "t"}])) == ["notes.0.time"], value
 
 
@@ -363,7 +366,8 @@ def test_every_domain_kind_and_status_loads() -> None:
     data = minimal(
         needs=[{"id": f"n{i}", "domain": d, "description": "d"} for i, d in enumerate(domain.DOMAINS)],
         services=[{"id": f"s{i}", "kind": k, "description": "d", "status": s}
-                  for i, (k, s) in enumerate(zip(domain.SERVICE_KINDS * 2, domain.SERVICE_STATUSES))],
+                  for i, (k, s) in enumerate(zip(domain.SERVICE_KINDS * 2, domain.SERVICE_STATUSES,
+                                                 strict=True))],
         goals=[{"id": f"g{i}", "description": "d", "status": s} for i, s in enumerate(domain.GOAL_STATUSES)],
         sharing={"restricted_domains": list(domain.DOMAINS)},
     )
@@ -379,7 +383,7 @@ def test_problems_from_flattens_marshmallow_messages() -> None:
     ]
 
 
-# ------------------------------------------------------------- load_case never accepts what the schema rejects
+# ------------------------------------------------------ load_case never accepts what the schema rejects
 
 
 def mutations(node: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], Any]]:

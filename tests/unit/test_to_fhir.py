@@ -92,3 +92,32 @@ def test_every_code_table_has_a_rule_for_codes_it_does_not_know(table):
     assert table.internal("no-such-code") == table.unmapped
     with pytest.raises(codes.UnmappedCode):
         table.fhir("no-such-code")
+
+
+def test_resources_of_a_restricted_domain_carry_security_labels():
+    case = load(TESTS / "fixtures" / "cases" / "behavioral_referral.json")
+    assert case.sharing.restricted_domains == ["substance_use"]
+    bundle = case_bundle(case)
+    for entry in bundle["entry"]:
+        resource = entry["resource"]
+        labels = {c["code"] for c in resource.get("meta", {}).get("security", ())}
+        restricted = any(c.get("code") == "substance-use" for cat in resource.get("category", ())
+                         for c in cat.get("coding", ()))
+        if resource["resourceType"] in ("Condition", "Goal", "ServiceRequest") and restricted:
+            assert {"R", "NORDSCLCD", "42CFRPart2"} <= labels
+        elif resource["resourceType"] != "Task":
+            assert not labels
+
+
+def test_the_shareable_view_leaves_out_restricted_domains_and_confidential_notes():
+    from service.domain import rule_violations, shareable
+
+    case = load(TESTS / "fixtures" / "cases" / "behavioral_referral.json")
+    shared = shareable(case)
+    assert rule_violations(shared) == []
+    assert all(x.domain != "substance_use" for x in [*shared.needs, *shared.goals, *shared.services])
+    assert any(n.confidential for n in case.notes) and not any(n.confidential for n in shared.notes)
+    bundle = case_bundle(shared)
+    assert check_bundle(bundle) == []
+    assert "substance-use" not in json.dumps([e["resource"] for e in bundle["entry"]
+                                              if e["resource"]["resourceType"] != "CarePlan"])
