@@ -196,5 +196,5 @@ def test_two_hundred_cases_cover_the_interesting_shapes() -> None:
     notes_times = [n.time for c in drawn for n in c.notes]
     assert any(t.endswith("Z") for t in notes_times) and any("." in t for t in notes_times)
     assert some(lambda c: c.risk is not None and c.risk.score is not None and c.risk.score % 1)
-    assert some(lambda c: len(c.needs) == 5 and len(c.goals) >= 3)
+    assert some(lambda c: len(c.needs) >= 3 and len(c.goals) >= 2)
     assert some(lambda c: c.case_manager is not None and c.care_team)
