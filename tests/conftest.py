@@ -47,3 +47,69 @@ def corpus_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"the FHIR example corpus is missing: {path}")
     return path
+
+
+# -- the service ---------------------------------------------------------------------------------
+POSTGRES_ADMIN_URL = os.environ.get("CASEBRIDGE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+POSTGRES_START = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
+
+
+def _postgres_url() -> str:
+    """A fresh, empty PostgreSQL database for this test session; started if the server is down."""
+    import subprocess
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    def connect():
+        engine = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            conn.execute(text("select 1"))
+        return engine
+
+    try:
+        engine = connect()
+    except Exception:  # noqa: BLE001 - down: try to start it once
+        subprocess.run(POSTGRES_START, shell=True, capture_output=True, timeout=60)
+        try:
+            engine = connect()
+        except Exception as error:  # noqa: BLE001
+            pytest.skip(f"PostgreSQL is not reachable at {POSTGRES_ADMIN_URL}: {type(error).__name__}")
+    name = f"casebridge_test_{uuid.uuid4().hex[:10]}"
+    with engine.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path) -> str:
+    """Each test that takes it runs on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'casebridge.db'}"
+    return _postgres_url()
+
+
+@pytest.fixture
+def app(tmp_path):
+    """The app on a fresh SQLite database."""
+    from service import create_app
+
+    return create_app({"database_url": f"sqlite:///{tmp_path / 'casebridge.db'}", "base_url": "http://testserver"})
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def make_key(app):
+    """make_key(scopes, organization) → headers carrying a new API key."""
+    from service import auth
+
+    def make(scopes=("cases:read", "cases:write", "fhir:read", "fhir:write"), organization="org-1") -> dict:
+        key = auth.create_key(app.extensions["casebridge"].store, organization, list(scopes))
+        return {"Authorization": f"Bearer {key}"}
+
+    return make

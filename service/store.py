@@ -1,0 +1,350 @@
+"""Storage: SQLAlchemy tables and the repository over them (SQLite by default, PostgreSQL in production).
+
+Every version of a case is kept (``case_versions``); ``cases`` holds the current one. Writes are
+optimistic: an update names the version it read, and exactly one of two writers of the same version
+wins (the other gets ``Conflict``), on SQLite and PostgreSQL alike, because the check is the UPDATE's
+own WHERE clause. The FHIR search index and the client identifiers are rewritten in the same
+transaction as the case, so a search never sees a case half saved. Schema changes go through Alembic
+(``service/migrations``).
+"""
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import orjson
+from sqlalchemy import (
+    JSON, Boolean, Column, DateTime, ForeignKey, Index, Integer, MetaData, String, Table, Text, UniqueConstraint,
+    and_, create_engine, delete, event, func, insert, or_, select, update,
+)
+from sqlalchemy.engine import Connection, Engine
+
+from service.errors import Conflict, NotFound
+
+metadata = MetaData()
+
+cases = Table(
+    "cases", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("organization_id", String(64), nullable=False, index=True),
+    Column("version", Integer, nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("program", String(32), nullable=False),
+    Column("deleted", Boolean, nullable=False, default=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("data", Text, nullable=False),
+    Index("ix_cases_org_updated", "organization_id", "updated_at", "id"),
+)
+
+case_versions = Table(
+    "case_versions", metadata,
+    Column("case_id", String(64), ForeignKey("cases.id"), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+    Column("action", String(16), nullable=False),  # create | update | delete
+    Column("actor", String(64)),
+    Column("data", Text, nullable=False),
+)
+
+client_identifiers = Table(
+    "client_identifiers", metadata,
+    Column("case_id", String(64), ForeignKey("cases.id"), primary_key=True),
+    Column("system", String(255), primary_key=True),
+    Column("value", String(255), primary_key=True),
+    Column("organization_id", String(64), nullable=False),
+    Index("ix_client_identifiers_lookup", "organization_id", "system", "value"),
+)
+
+#: one row per FHIR resource a case converts to, with the values its search parameters need
+fhir_resources = Table(
+    "fhir_resources", metadata,
+    Column("resource_type", String(32), primary_key=True),
+    Column("resource_id", String(64), primary_key=True),
+    Column("case_id", String(64), ForeignKey("cases.id"), primary_key=True),
+    Column("organization_id", String(64), nullable=False),
+    Column("patient_id", String(64), index=True),
+    Column("version", Integer, nullable=False),
+    Column("last_updated", DateTime(timezone=True), nullable=False),
+    Column("status", String(32)),
+    Column("date_start", String(40)),
+    Column("date_end", String(40)),
+    Column("name", Text),
+    Column("birthdate", String(10)),
+    Column("gender", String(16)),
+    Index("ix_fhir_resources_search", "organization_id", "resource_type", "patient_id", "last_updated"),
+)
+
+#: token search values (category, code, identifier, ...) of those resources
+fhir_tokens = Table(
+    "fhir_tokens", metadata,
+    Column("resource_type", String(32), nullable=False),
+    Column("resource_id", String(64), nullable=False),
+    Column("case_id", String(64), ForeignKey("cases.id"), nullable=False),
+    Column("organization_id", String(64), nullable=False),
+    Column("param", String(32), nullable=False),
+    Column("system", String(255)),
+    Column("code", String(255), nullable=False),
+    Index("ix_fhir_tokens_lookup", "organization_id", "resource_type", "param", "code", "system"),
+    Index("ix_fhir_tokens_case", "case_id"),
+)
+
+#: claims that make creates idempotent: the same key twice gives the same case, even at once
+create_keys = Table(
+    "create_keys", metadata,
+    Column("organization_id", String(64), primary_key=True),
+    Column("key", String(512), primary_key=True),
+    Column("case_id", String(64), nullable=False),
+    Column("resource_id", String(64)),
+)
+
+api_keys = Table(
+    "api_keys", metadata,
+    Column("id", String(32), primary_key=True),
+    Column("organization_id", String(64), nullable=False),
+    Column("secret_hash", String(128), nullable=False, unique=True),
+    Column("scopes", String(255), nullable=False),
+    Column("label", String(255)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("revoked", Boolean, nullable=False, default=False),
+)
+
+audit_events = Table(
+    "audit_events", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+    Column("organization_id", String(64), nullable=False, index=True),
+    Column("key_id", String(32)),
+    Column("action", String(16), nullable=False),  # C R U D E (FHIR AuditEvent.action)
+    Column("operation", String(64), nullable=False),
+    Column("entity_type", String(32)),
+    Column("entity_id", String(128)),
+    Column("outcome", Integer, nullable=False),  # HTTP status
+    Column("detail", JSON),
+)
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection, _record):  # pragma: no cover - trivial
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn):  # take the write lock up front: no upgrade deadlocks between writers
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+@dataclass(frozen=True)
+class StoredCase:
+    id: str
+    organization_id: str
+    version: int
+    deleted: bool
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    data: dict
+
+
+#: extra writes done inside a case's save transaction (the FHIR index, the outbox, ...)
+SaveHook = Callable[[Connection, StoredCase], None]
+
+
+class Store:
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = make_engine(url)
+        self.save_hooks: list[SaveHook] = []
+
+    def create_all(self) -> None:
+        metadata.create_all(self.engine)
+
+    def ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(select(1))
+
+    # -- cases -------------------------------------------------------------------------------
+    def add_case(self, organization_id: str, data: dict, actor: Optional[str] = None,
+                 claim: Optional[str] = None, conn: Optional[Connection] = None) -> StoredCase:
+        """A new case at version 1. With ``claim``, a second add under the same claim (even one
+        running at the same moment) gives back the first case instead of a duplicate."""
+        with self._tx(conn) as c:
+            if claim is not None:
+                existing = c.execute(select(create_keys.c.case_id).where(
+                    create_keys.c.organization_id == organization_id, create_keys.c.key == claim)).scalar()
+                if existing is not None:
+                    return self.get_case(organization_id, existing, conn=c)
+                c.execute(insert(create_keys).values(organization_id=organization_id, key=claim, case_id=data["id"]))
+            if c.execute(select(cases.c.id).where(cases.c.id == data["id"])).scalar() is not None:
+                raise Conflict(f"case {data['id']} already exists", status=409)
+            stamp = now()
+            c.execute(insert(cases).values(
+                id=data["id"], organization_id=organization_id, version=1, status=data["status"],
+                program=data["program"], deleted=False, created_at=stamp, updated_at=stamp, data=_dump(data)))
+            c.execute(insert(case_versions).values(case_id=data["id"], version=1, recorded_at=stamp,
+                                                   action="create", actor=actor, data=_dump(data)))
+            stored = StoredCase(data["id"], organization_id, 1, False, stamp, stamp, data)
+            self._after_save(c, stored)
+            return stored
+
+    def update_case(self, organization_id: str, case_id: str, expected_version: int, data: dict,
+                    actor: Optional[str] = None, deleted: bool = False,
+                    conn: Optional[Connection] = None) -> StoredCase:
+        """The case at ``expected_version + 1``; ``Conflict`` when someone else wrote it first."""
+        with self._tx(conn) as c:
+            stamp = now()
+            result = c.execute(
+                update(cases)
+                .where(cases.c.id == case_id, cases.c.organization_id == organization_id,
+                       cases.c.version == expected_version)
+                .values(version=expected_version + 1, status=data["status"], program=data["program"],
+                        deleted=deleted, updated_at=stamp, data=_dump(data)))
+            if result.rowcount != 1:
+                current = self._current(c, organization_id, case_id)
+                if current is None:
+                    raise NotFound(f"no case {case_id}")
+                raise Conflict(f"case {case_id} is at version {current.version}, not {expected_version}")
+            c.execute(insert(case_versions).values(case_id=case_id, version=expected_version + 1, recorded_at=stamp,
+                                                   action="delete" if deleted else "update", actor=actor,
+                                                   data=_dump(data)))
+            created = c.execute(select(cases.c.created_at).where(cases.c.id == case_id)).scalar()
+            stored = StoredCase(case_id, organization_id, expected_version + 1, deleted, created, stamp, data)
+            self._after_save(c, stored)
+            return stored
+
+    def get_case(self, organization_id: str, case_id: str, conn: Optional[Connection] = None) -> StoredCase:
+        with self._read(conn) as c:
+            current = self._current(c, organization_id, case_id)
+        if current is None:
+            raise NotFound(f"no case {case_id}")
+        return current
+
+    def get_version(self, organization_id: str, case_id: str, version: int) -> StoredCase:
+        with self.engine.connect() as c:
+            row = c.execute(
+                select(case_versions, cases.c.organization_id, cases.c.created_at)
+                .join(cases, cases.c.id == case_versions.c.case_id)
+                .where(case_versions.c.case_id == case_id, case_versions.c.version == version,
+                       cases.c.organization_id == organization_id)).first()
+        if row is None:
+            raise NotFound(f"no version {version} of case {case_id}")
+        return StoredCase(case_id, row.organization_id, row.version, row.action == "delete", row.created_at,
+                          row.recorded_at, orjson.loads(row.data))
+
+    def history(self, organization_id: str, case_id: str) -> list[StoredCase]:
+        self.get_case(organization_id, case_id)
+        with self.engine.connect() as c:
+            rows = c.execute(select(case_versions).where(case_versions.c.case_id == case_id)
+                             .order_by(case_versions.c.version.desc())).all()
+        created = rows[-1].recorded_at if rows else None
+        return [StoredCase(case_id, organization_id, r.version, r.action == "delete", created, r.recorded_at,
+                           orjson.loads(r.data)) for r in rows]
+
+    def list_cases(self, organization_id: str, *, status: Optional[str] = None, program: Optional[str] = None,
+                   identifier: Optional[tuple[Optional[str], str]] = None,
+                   updated_since: Optional[dt.datetime] = None, after: Optional[tuple[dt.datetime, str]] = None,
+                   limit: int = 50, include_deleted: bool = False) -> list[StoredCase]:
+        """Cases in the order they were last updated (then id), from after the ``after`` cursor."""
+        query = select(cases).where(cases.c.organization_id == organization_id)
+        if not include_deleted:
+            query = query.where(cases.c.deleted.is_(False))
+        if status:
+            query = query.where(cases.c.status == status)
+        if program:
+            query = query.where(cases.c.program == program)
+        if updated_since:
+            query = query.where(cases.c.updated_at >= updated_since)
+        if identifier:
+            system, value = identifier
+            ids = select(client_identifiers.c.case_id).where(
+                client_identifiers.c.organization_id == organization_id, client_identifiers.c.value == value)
+            if system:
+                ids = ids.where(client_identifiers.c.system == system)
+            query = query.where(cases.c.id.in_(ids))
+        if after:
+            stamp, last_id = after
+            query = query.where(or_(cases.c.updated_at > stamp, and_(cases.c.updated_at == stamp, cases.c.id > last_id)))
+        query = query.order_by(cases.c.updated_at, cases.c.id).limit(limit)
+        with self.engine.connect() as c:
+            return [self._row(r) for r in c.execute(query)]
+
+    def cases_by_identifier(self, organization_id: str, system: str, value: str,
+                            conn: Optional[Connection] = None) -> list[str]:
+        with self._read(conn) as c:
+            return list(c.execute(select(client_identifiers.c.case_id).where(
+                client_identifiers.c.organization_id == organization_id, client_identifiers.c.system == system,
+                client_identifiers.c.value == value)).scalars())
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def transaction(self):
+        """One database transaction for several store calls (pass it as ``conn``)."""
+        return self.engine.begin()
+
+    def _tx(self, conn: Optional[Connection]):
+        return _Reuse(conn) if conn is not None else self.engine.begin()
+
+    def _read(self, conn: Optional[Connection]):
+        return _Reuse(conn) if conn is not None else self.engine.connect()
+
+    def _after_save(self, conn: Connection, stored: StoredCase) -> None:
+        conn.execute(delete(client_identifiers).where(client_identifiers.c.case_id == stored.id))
+        seen = set()
+        for ident in stored.data.get("client", {}).get("identifiers", ()):
+            key = (ident["system"], ident["value"])
+            if key not in seen:
+                seen.add(key)
+                conn.execute(insert(client_identifiers).values(case_id=stored.id, system=key[0], value=key[1],
+                                                               organization_id=stored.organization_id))
+        for hook in self.save_hooks:
+            hook(conn, stored)
+
+    def _current(self, conn: Connection, organization_id: str, case_id: str) -> Optional[StoredCase]:
+        row = conn.execute(select(cases).where(cases.c.id == case_id,
+                                               cases.c.organization_id == organization_id)).first()
+        return self._row(row) if row is not None else None
+
+    @staticmethod
+    def _row(row: Any) -> StoredCase:
+        return StoredCase(row.id, row.organization_id, row.version, row.deleted, _aware(row.created_at),
+                          _aware(row.updated_at), orjson.loads(row.data))
+
+
+class _Reuse:
+    """A context manager over a connection someone else opened (and will commit)."""
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+
+    def __enter__(self) -> Connection:
+        return self.conn
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def _dump(data: dict) -> str:
+    return orjson.dumps(data).decode()
+
+
+def _aware(stamp: dt.datetime) -> dt.datetime:
+    """SQLite gives naive datetimes back; every stamp here is UTC."""
+    return stamp if stamp.tzinfo else stamp.replace(tzinfo=dt.timezone.utc)
+
+
+__all__ = ["Store", "StoredCase", "metadata", "cases", "case_versions", "client_identifiers", "fhir_resources",
+           "fhir_tokens", "create_keys", "api_keys", "audit_events", "now", "func", "Sequence", "Iterable",
+           "UniqueConstraint", "JSON"]
