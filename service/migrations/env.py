@@ -2,6 +2,7 @@ from alembic import context
 from sqlalchemy import create_engine
 
 from service.store import metadata
+import service.sync_store  # noqa: F401  (its tables are part of the schema)
 
 config = context.config
 

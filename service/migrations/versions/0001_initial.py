@@ -6,6 +6,7 @@ Revises:
 from alembic import op
 
 from service.store import metadata
+import service.sync_store  # noqa: F401  (its tables are part of the schema)
 
 revision = "0001"
 down_revision = None

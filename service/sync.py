@@ -1,0 +1,647 @@
+"""Keeping partners in step with case records: push through the outbox and the identity ledger,
+pull with a watermark, and never lose or duplicate an update.
+
+- A case save writes an outbox row per partner the case is shared with, in the same transaction
+  (``on_case_saved``, a store save hook). ``dispatch`` turns rows into tasks (ids and versions only).
+- ``push_case`` is idempotent. The ledger maps each of our resources to the partner's id, version and
+  the hash of what was sent: an unchanged resource is not written again; a resource with no ledger
+  row is first looked for at the partner by our sync identifier, so a POST whose answer was lost
+  (``AmbiguousWrite``) is found, not repeated. Updates send ``If-Match``; on a version conflict the
+  partner's copy is compared with what we last sent: their changes to elements we did not change
+  are kept and the update retried; an element both sides changed is recorded as a conflict for the
+  case manager and nothing is overwritten.
+- ``pull_partner`` searches with a ``_lastUpdated`` watermark and applies what changed: Task status
+  of our referrals (closed loop), new referrals (intake cases), and plans and goals we shared.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+import orjson
+from sqlalchemy import and_, insert, select, update
+from sqlalchemy.engine import Connection
+
+from adapters.errors import AmbiguousWrite, PermanentError, TransientError, VersionConflict
+from mappings import ids
+from mappings.export import case_resources
+from service import schemas
+from service.domain import Case, shareable
+from service.errors import NotFound
+from service.store import Store, StoredCase, now
+from service.sync_store import conflicts, dead_letters, ledger, outbox, partners, sync_state
+
+#: the identifier every resource we send carries, so we can find it at the partner again
+SYNC_SYSTEM = f"{ids.BASE}/sid/resource"
+#: the order resources are written in: each one's references before it
+WRITE_ORDER = ("Organization", "Practitioner", "Patient", "Condition", "Goal", "ServiceRequest", "Task",
+               "CareTeam", "CarePlan")
+#: elements the partner keeps on its copy (its id, version, timestamps); never compared
+SERVER_ELEMENTS = ("id", "meta")
+#: elements derived from the rest, always ours: a partner re-rendering the narrative is no conflict
+DERIVED_ELEMENTS = ("text",)
+
+
+class ConflictRecorded(Exception):
+    """Both sides changed the same element: recorded for the case manager, nothing overwritten."""
+
+
+# -- the outbox --------------------------------------------------------------------------------
+def shared_with(partner: Any, organization_id: str, data: dict) -> bool:
+    if not partner.active or partner.direction == "pull" or organization_id not in (partner.organizations or ()):
+        return False
+    if partner.programs and data.get("program") not in partner.programs:
+        return False
+    if partner.high_risk_only and (data.get("risk") or {}).get("level") != "high":
+        return False
+    return True
+
+
+def on_case_saved(conn: Connection, stored: StoredCase) -> None:
+    """Store save hook: an outbox row (and a pending sync state) per partner the case goes to."""
+    stamp = now()
+    for partner in conn.execute(select(partners).where(partners.c.active.is_(True))):
+        if not shared_with(partner, stored.organization_id, stored.data):
+            continue
+        conn.execute(insert(outbox).values(case_id=stored.id, partner_id=partner.id, case_version=stored.version,
+                                           created_at=stamp))
+        _set_state(conn, stored.id, partner.id, status="pending", wanted_version=stored.version)
+
+
+def dispatch(store: Store, enqueue: Callable[[str, str, int], None], limit: int = 500) -> int:
+    """Turn waiting outbox rows into push tasks. Rows are claimed first (one dispatcher wins each),
+    so several dispatchers never enqueue a row twice; a task enqueued twice is harmless anyway."""
+    with store.engine.begin() as conn:
+        query = select(outbox.c.id, outbox.c.case_id, outbox.c.partner_id, outbox.c.case_version) \
+            .where(outbox.c.dispatched_at.is_(None)).order_by(outbox.c.id).limit(limit)
+        if conn.dialect.name == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        rows = conn.execute(query).all()
+        if not rows:
+            return 0
+        conn.execute(update(outbox).where(outbox.c.id.in_([r.id for r in rows])).values(dispatched_at=now()))
+    latest: dict[tuple[str, str], int] = {}
+    for row in rows:  # several versions of one case waiting: the newest push covers them all
+        key = (row.case_id, row.partner_id)
+        latest[key] = max(latest.get(key, 0), row.case_version)
+    for (case_id, partner_id), version in latest.items():
+        enqueue(case_id, partner_id, version)
+    return len(latest)
+
+
+# -- push ----------------------------------------------------------------------------------------
+@dataclass
+class PushResult:
+    written: int = 0
+    unchanged: int = 0
+    skipped: str = ""
+
+
+def push_case(store: Store, case_id: str, partner_id: str, version: int, endpoint: Any) -> PushResult:
+    partner = _partner(store, partner_id)
+    stored = _current_case(store, case_id)
+    state = _state(store, case_id, partner_id)
+    if state is not None and state.synced_version >= stored.version and state.status == "synced":
+        return PushResult(skipped="already synced")
+    if not shared_with(partner, stored.organization_id, stored.data) or stored.deleted:
+        _update_state(store, case_id, partner_id, status="synced", synced_version=stored.version)
+        return PushResult(skipped="not shared")
+    case = shareable(schemas.load_case(stored.data))
+    if partner.route is None:  # not yet read the partner's /metadata: do it now
+        from service.partners import check_capabilities
+
+        check_capabilities(store, partner_id, endpoint)
+        partner = _partner(store, partner_id)
+    writable = set(partner.route.get("writable") or ())
+    if not writable:
+        _update_state(store, case_id, partner_id, status="synced", synced_version=stored.version)
+        return PushResult(skipped="pull only: the partner takes no writes")
+    if partner.kind == "payer" and not _member_matched(store, partner, case, endpoint):
+        return PushResult(skipped="member not matched")
+    result = PushResult()
+    resources = _ordered(case_resources(case))
+    known = _ledger_rows(store, partner_id, [r["id"] for r in resources])
+    by_local: dict[tuple[str, str], Any] = {(r.resource_type, r.local_id): r for r in known}
+    try:
+        for resource in resources:
+            rtype = resource["resourceType"]
+            if rtype == "Patient" and rtype not in writable:
+                _resolve_patient(store, partner, case, resource, endpoint, by_local)
+                continue
+            if rtype not in writable:
+                continue
+            row = _push_resource(store, partner, case_id, resource, endpoint, by_local)
+            if row is None:
+                result.unchanged += 1
+            else:
+                result.written += 1
+    except ConflictRecorded as conflict:
+        _update_state(store, case_id, partner_id, status="conflict", last_error=str(conflict))
+        return result
+    _update_state(store, case_id, partner_id, status="synced", synced_version=stored.version, last_error=None)
+    with store.engine.begin() as conn:
+        conn.execute(update(partners).where(partners.c.id == partner_id).values(last_success_at=now()))
+    return result
+
+
+def _ordered(resources: Iterable[dict]) -> list[dict]:
+    rank = {t: i for i, t in enumerate(WRITE_ORDER)}
+    return sorted(resources, key=lambda r: rank.get(r["resourceType"], len(rank)))
+
+
+def outgoing(resource: dict, by_local: dict) -> Optional[dict]:
+    """The resource as the partner gets it: references to our resources turned into the partner's
+    ids, references to what the partner does not hold reduced to their display, our sync identifier
+    added. ``None`` when something it cannot do without (its subject) is not at the partner yet."""
+    local_id = resource["id"]
+    body = _rewrite(resource, by_local)
+    if body is None:
+        return None
+    body = {k: v for k, v in body.items() if k != "id"}
+    identifiers = [i for i in body.get("identifier", ()) if i.get("system") != SYNC_SYSTEM]
+    body["identifier"] = identifiers + [{"system": SYNC_SYSTEM, "value": local_id}]
+    return body
+
+
+_REQUIRED_REFERENCES = {"subject", "for", "focus", "beneficiary"}
+
+
+def _rewrite(value: Any, by_local: dict, key: str = "") -> Any:
+    if isinstance(value, dict):
+        ref = value.get("reference")
+        if isinstance(ref, str) and "/" in ref and not ref.startswith("#"):
+            rtype, _, rid = ref.partition("/")
+            row = by_local.get((rtype, rid))
+            if row is not None:
+                return {**value, "reference": f"{rtype}/{row.remote_id}"}
+            if key in _REQUIRED_REFERENCES:
+                raise _MissingTarget(ref)
+            rest = {k: v for k, v in value.items() if k != "reference"}
+            return rest or _DROP
+        out = {}
+        for k, v in value.items():
+            new = _rewrite(v, by_local, k)
+            if new is not _DROP:
+                out[k] = new
+        return out if out or not value else _DROP
+    if isinstance(value, list):
+        items = [_rewrite(v, by_local, key) for v in value]
+        items = [i for i in items if i is not _DROP]
+        return items if items or not value else _DROP
+    return value
+
+
+_DROP = object()
+
+
+class _MissingTarget(Exception):
+    pass
+
+
+def body_hash(body: dict) -> str:
+    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def _push_resource(store: Store, partner: Any, case_id: str, resource: dict, endpoint: Any,
+                   by_local: dict) -> Optional[Any]:
+    rtype, local_id = resource["resourceType"], resource["id"]
+    try:
+        body = outgoing(resource, by_local)
+    except _MissingTarget as missing:
+        raise PermanentError(422, None, f"{rtype} refers to {missing} which is not at the partner") from None
+    digest = body_hash(body)
+    row = by_local.get((rtype, local_id))
+    if row is not None and row.sent_hash == digest:
+        return None
+    if row is None:
+        row = _adopt(store, partner.id, case_id, rtype, local_id, endpoint)
+        if row is not None:
+            by_local[(rtype, local_id)] = row
+            if row.sent_hash == digest:
+                return None
+    if row is None:
+        conditional = rtype in set((partner.route or {}).get("conditional_create") or ())
+        condition = f"identifier={SYNC_SYSTEM}|{local_id}" if conditional else None
+        written = endpoint.create(body, if_none_exist=condition)
+    else:
+        written = _update_remote(store, partner, case_id, rtype, local_id, row, body, endpoint)
+    saved = _save_ledger(store, partner.id, case_id, rtype, local_id, written.id, written.version_id, digest, body)
+    by_local[(rtype, local_id)] = saved
+    return saved
+
+
+def _update_remote(store: Store, partner: Any, case_id: str, rtype: str, local_id: str, row: Any, body: dict,
+                   endpoint: Any) -> Any:
+    sending = {**body, "id": row.remote_id}
+    try:
+        return endpoint.update(sending, if_match=_etag(row.remote_version))
+    except VersionConflict:
+        theirs = endpoint.read(rtype, row.remote_id)
+        merged, both = three_way(row.sent or {}, sending, theirs.resource)
+        if both:
+            _record_conflict(store, partner.id, case_id, rtype, local_id, both, sending, theirs.resource)
+            raise ConflictRecorded(f"{rtype} {local_id}: both sides changed {', '.join(both)}") from None
+        return endpoint.update({**merged, "id": row.remote_id}, if_match=theirs.etag)
+
+
+def three_way(base: dict, ours: dict, theirs: dict) -> tuple[dict, list[str]]:
+    """Element by element: ours where only we changed it, theirs where only they did (or where we do
+    not send it at all); the element names both changed differently are returned as conflicts."""
+    merged: dict = {}
+    both: list[str] = []
+    for key in sorted((ours.keys() | theirs.keys()) - {"id"}):
+        b, o, t = base.get(key), ours.get(key), theirs.get(key)
+        if key in DERIVED_ELEMENTS or key == "meta":
+            if o is not None:
+                merged[key] = o
+        elif key not in ours and key not in base:
+            merged[key] = t  # an element only the partner has: theirs to keep
+        elif o == t or t == b:
+            if o is not None:
+                merged[key] = o
+        elif o == b:
+            if t is not None:
+                merged[key] = t
+        else:
+            both.append(key)
+    return merged, both
+
+
+def _adopt(store: Store, partner_id: str, case_id: str, rtype: str, local_id: str, endpoint: Any) -> Optional[Any]:
+    """Our resource already at the partner (a create whose answer was lost, or sent before the
+    ledger was): found by our sync identifier and taken into the ledger."""
+    for found in endpoint.search(rtype, {"identifier": f"{SYNC_SYSTEM}|{local_id}"}):
+        version = (found.get("meta") or {}).get("versionId")
+        return _save_ledger(store, partner_id, case_id, rtype, local_id, found["id"], version, None, None)
+    return None
+
+
+def _resolve_patient(store: Store, partner: Any, case: Case, resource: dict, endpoint: Any, by_local: dict) -> None:
+    """Where the partner does not take Patient writes, find the client there by an identifier."""
+    key = ("Patient", resource["id"])
+    if key in by_local:
+        return
+    candidates = [f"{i.system}|{i.value}" for i in case.client.identifiers]
+    state = _state(store, case.id, partner.id)
+    if state is not None and state.member_id:
+        candidates.insert(0, state.member_id)
+    for token in candidates:
+        for found in endpoint.search("Patient", {"identifier": token}):
+            by_local[key] = _save_ledger(store, partner.id, case.id, "Patient", resource["id"], found["id"],
+                                         (found.get("meta") or {}).get("versionId"), None, None)
+            return
+    raise PermanentError(422, None, "the client was not found at the partner by any of their identifiers")
+
+
+def _member_matched(store: Store, partner: Any, case: Case, endpoint: Any) -> bool:
+    """A payer's member, matched with Da Vinci $member-match before anything is sent."""
+    state = _state(store, case.id, partner.id)
+    if state is not None and state.member_id:
+        return True
+    patient = next(r for r in case_resources(case) if r["resourceType"] == "Patient")
+    member_ids = [i for i in case.client.identifiers if i.kind == "member_id"]
+    coverage: dict = {"resourceType": "Coverage", "id": "coverage", "status": "active",
+                      "beneficiary": {"reference": f"Patient/{patient['id']}"},
+                      "payor": [{"display": partner.name}]}
+    if member_ids:
+        coverage["identifier"] = [{"system": member_ids[0].system, "value": member_ids[0].value}]
+    parameters = {"resourceType": "Parameters", "parameter": [
+        {"name": "MemberPatient", "resource": {k: v for k, v in patient.items() if k != "text"}},
+        {"name": "CoverageToMatch", "resource": coverage}]}
+    try:
+        answer = endpoint.operation("Patient", "$member-match", parameters)
+    except PermanentError as error:
+        if error.status == 422:
+            _update_state(store, case.id, partner.id, status="unmatched",
+                          last_error="no single member matched at the payer; nothing was sent")
+            return False
+        raise
+    for parameter in answer.get("parameter", ()):
+        if parameter.get("name") == "MemberIdentifier" and parameter.get("valueIdentifier"):
+            ident = parameter["valueIdentifier"]
+            _update_state(store, case.id, partner.id, member_id=f"{ident.get('system', '')}|{ident['value']}")
+            return True
+    _update_state(store, case.id, partner.id, status="unmatched", last_error="the payer's answer named no member")
+    return False
+
+
+# -- ledger, state, conflicts, dead letters ------------------------------------------------------
+def _ledger_rows(store: Store, partner_id: str, local_ids: list[str]) -> list[Any]:
+    with store.engine.connect() as conn:
+        return conn.execute(select(ledger).where(ledger.c.partner_id == partner_id,
+                                                 ledger.c.local_id.in_(local_ids))).all()
+
+
+def _save_ledger(store: Store, partner_id: str, case_id: str, rtype: str, local_id: str, remote_id: str,
+                 remote_version: Optional[str], digest: Optional[str], body: Optional[dict]) -> Any:
+    values = dict(remote_id=remote_id, remote_version=remote_version, sent_hash=digest, sent=body, case_id=case_id,
+                  updated_at=now())
+    key = and_(ledger.c.partner_id == partner_id, ledger.c.resource_type == rtype, ledger.c.local_id == local_id)
+    with store.engine.begin() as conn:
+        if conn.execute(update(ledger).where(key).values(**values)).rowcount == 0:
+            conn.execute(insert(ledger).values(partner_id=partner_id, resource_type=rtype, local_id=local_id, **values))
+        return conn.execute(select(ledger).where(key)).first()
+
+
+def _etag(version: Optional[str]) -> Optional[str]:
+    return f'W/"{version}"' if version else None
+
+
+def _state(store: Store, case_id: str, partner_id: str) -> Optional[Any]:
+    with store.engine.connect() as conn:
+        return conn.execute(select(sync_state).where(sync_state.c.case_id == case_id,
+                                                     sync_state.c.partner_id == partner_id)).first()
+
+
+def _set_state(conn: Connection, case_id: str, partner_id: str, **values: Any) -> None:
+    values["updated_at"] = now()
+    key = and_(sync_state.c.case_id == case_id, sync_state.c.partner_id == partner_id)
+    if conn.execute(update(sync_state).where(key).values(**values)).rowcount == 0:
+        conn.execute(insert(sync_state).values(case_id=case_id, partner_id=partner_id,
+                                               **{"status": "pending", **values}))
+
+
+def _update_state(store: Store, case_id: str, partner_id: str, **values: Any) -> None:
+    with store.engine.begin() as conn:
+        _set_state(conn, case_id, partner_id, **values)
+
+
+def _record_conflict(store: Store, partner_id: str, case_id: str, rtype: str, local_id: str, fields: list[str],
+                     ours: dict, theirs: dict) -> None:
+    with store.engine.begin() as conn:
+        conn.execute(insert(conflicts).values(case_id=case_id, partner_id=partner_id, resource_type=rtype,
+                                              local_id=local_id, fields=fields, ours=ours, theirs=theirs,
+                                              created_at=now()))
+
+
+def record_failure(store: Store, partner_id: str, case_id: Optional[str], version: Optional[int], operation: str,
+                   error: Exception) -> int:
+    """A permanent failure becomes a dead letter holding the partner's OperationOutcome."""
+    status = getattr(error, "status", None)
+    outcome = getattr(error, "outcome", None)
+    with store.engine.begin() as conn:
+        letter = conn.execute(insert(dead_letters).values(
+            partner_id=partner_id, case_id=case_id, case_version=version, operation=operation, status=status,
+            error=str(error), outcome=outcome, created_at=now())).inserted_primary_key[0]
+        if case_id:
+            _set_state(conn, case_id, partner_id, status="failed", last_error=str(error))
+    return letter
+
+
+def _partner(store: Store, partner_id: str) -> Any:
+    with store.engine.connect() as conn:
+        row = conn.execute(select(partners).where(partners.c.id == partner_id)).first()
+    if row is None:
+        raise NotFound(f"no partner {partner_id}")
+    return row
+
+
+def _current_case(store: Store, case_id: str) -> StoredCase:
+    from service.store import cases
+
+    with store.engine.connect() as conn:
+        row = conn.execute(select(cases.c.organization_id).where(cases.c.id == case_id)).first()
+    if row is None:
+        raise NotFound(f"no case {case_id}")
+    return store.get_case(row.organization_id, case_id)
+
+
+__all__ = ["on_case_saved", "dispatch", "push_case", "three_way", "outgoing", "record_failure", "SYNC_SYSTEM",
+           "AmbiguousWrite", "TransientError", "dt"]
+
+
+# -- pull ----------------------------------------------------------------------------------------
+#: what is pulled from a partner, in this order (a referral before the Tasks that follow it)
+PULL_TYPES = ("ServiceRequest", "Task", "CarePlan", "Goal")
+
+
+@dataclass
+class PullResult:
+    seen: int = 0
+    applied: int = 0
+    new_cases: int = 0
+    watermark: Optional[str] = None
+
+
+def pull_partner(store: Store, partner_id: str, endpoint: Any) -> PullResult:
+    """Everything the partner changed since the watermark, applied; the watermark moves only when
+    the whole pull went through, so a failed pull is simply done again."""
+    partner = _partner(store, partner_id)
+    readable = set((partner.route or {}).get("readable") or PULL_TYPES)
+    result = PullResult(watermark=partner.watermark)
+    newest = partner.watermark
+    for rtype in PULL_TYPES:
+        if rtype not in readable:
+            continue
+        params = {"_lastUpdated": f"gt{partner.watermark}"} if partner.watermark else {}
+        for resource in endpoint.search(rtype, params):
+            result.seen += 1
+            stamp = (resource.get("meta") or {}).get("lastUpdated")
+            if stamp and (newest is None or stamp > newest):
+                newest = stamp
+            outcome = apply_remote(store, partner, resource, endpoint)
+            result.applied += outcome in ("updated", "created")
+            result.new_cases += outcome == "created"
+    with store.engine.begin() as conn:
+        conn.execute(update(partners).where(partners.c.id == partner_id)
+                     .values(watermark=newest, last_pull_at=now(), last_success_at=now()))
+    result.watermark = newest
+    return result
+
+
+def notify(store: Store, partner_id: str, references: list[str], endpoint: Any) -> int:
+    """A FHIR Subscription rest-hook notification (id-only): pull just the resources it names."""
+    partner = _partner(store, partner_id)
+    applied = 0
+    for reference in references:
+        rtype, rid = reference.split("/", 1)
+        try:
+            found = endpoint.read(rtype, rid)
+        except PermanentError as error:
+            if error.status in (404, 410):
+                continue
+            raise
+        applied += apply_remote(store, partner, found.resource, endpoint) in ("updated", "created")
+    return applied
+
+
+def notified_references(payload: dict) -> list[str]:
+    """``Type/id`` of every resource a notification names: entry fullUrls and request urls of a
+    history/subscription-notification Bundle, and SubscriptionStatus ``notificationEvent.focus``."""
+    found: list[str] = []
+
+    def add(url: Optional[str]) -> None:
+        if not url:
+            return
+        parts = url.split("/_history/")[0].rstrip("/").split("/")
+        if len(parts) >= 2 and parts[-2][:1].isupper() and parts[-2] not in ("SubscriptionStatus", "Parameters"):
+            ref = f"{parts[-2]}/{parts[-1]}"
+            if ref not in found:
+                found.append(ref)
+
+    def walk_status(resource: dict) -> None:
+        for event in resource.get("notificationEvent", ()):
+            add((event.get("focus") or {}).get("reference"))
+        for parameter in resource.get("parameter", ()):
+            if parameter.get("name") == "notification-event":
+                for part in parameter.get("part", ()):
+                    if part.get("name") == "focus":
+                        add((part.get("valueReference") or {}).get("reference"))
+
+    if payload.get("resourceType") == "Bundle":
+        for entry in payload.get("entry", ()):
+            resource = entry.get("resource") or {}
+            if resource.get("resourceType") in ("SubscriptionStatus", "Parameters"):
+                walk_status(resource)
+            else:
+                add(entry.get("fullUrl") or (entry.get("request") or {}).get("url"))
+    else:
+        walk_status(payload)
+    return found
+
+
+def apply_remote(store: Store, partner: Any, resource: dict, endpoint: Any) -> str:
+    """One resource read from a partner, applied to the case records: 'updated', 'created',
+    'unchanged' or 'ignored'."""
+    rtype, remote_id = resource.get("resourceType"), resource.get("id")
+    row = _ledger_by_remote(store, partner.id, rtype, remote_id)
+    if row is None:
+        ours = next((i.get("value") for i in resource.get("identifier", ()) if i.get("system") == SYNC_SYSTEM), None)
+        if ours:  # ours, created by a write whose answer was lost
+            case_id = _case_of_local(store, rtype, ours)
+            if case_id:
+                _save_ledger(store, partner.id, case_id, rtype, ours, remote_id,
+                             (resource.get("meta") or {}).get("versionId"), None, None)
+                row = _ledger_by_remote(store, partner.id, rtype, remote_id)
+    if row is None:
+        if rtype == "ServiceRequest":
+            return _inbound_referral(store, partner, resource, endpoint)
+        if rtype == "Task":
+            return _task_for_our_referral(store, partner, resource)
+        return "ignored"
+    return _apply_known(store, partner, row, resource)
+
+
+def _apply_known(store: Store, partner: Any, row: Any, resource: dict) -> str:
+    from mappings import careplan as plan_map, goal as goal_map, task as task_map
+    from mappings.export import CaseIds
+
+    stored = _current_case(store, row.case_id)
+    case = schemas.load_case(stored.data)
+    rtype = resource["resourceType"]
+    changed = False
+    if rtype == "Task":
+        service_id = next((sid for sid, tid in CaseIds(case).tasks.items() if tid == row.local_id), None)
+        service = case.service(service_id) if service_id else None
+        status = task_map.status_from_fhir(resource)
+        if service is not None and service.status != status:
+            service.status = status
+            changed = True
+    elif rtype == "Goal":
+        goal_id = next((gid for gid, fid in CaseIds(case).goals.items() if fid == row.local_id), None)
+        goal = case.goal(goal_id) if goal_id else None
+        if goal is not None:
+            theirs = goal_map.from_fhir(resource, goal.id, lambda ref: None)
+            for attr in ("status", "description", "target_date", "start", "achieved_date", "priority"):
+                value = getattr(theirs, attr)
+                if value is not None and value != getattr(goal, attr):
+                    setattr(goal, attr, value)
+                    changed = True
+    elif rtype == "CarePlan":
+        fields = plan_map.fields_from_fhir(resource)
+        for attr in ("status", "opened", "closed", "title"):
+            value = fields.get(attr)
+            if value is not None and value != getattr(case, attr):
+                setattr(case, attr, value)
+                changed = True
+    if not changed:
+        return "unchanged"
+    store.update_case(stored.organization_id, stored.id, stored.version, schemas.dump_case(case),
+                      actor=f"partner:{partner.id}")
+    return "updated"
+
+
+def _inbound_referral(store: Store, partner: Any, request: dict, endpoint: Any) -> str:
+    """A referral the partner sent: an intake case for the receiving organization (once)."""
+    from mappings import fhir_input
+    from mappings.importer import import_graph
+    from service.domain import Organization
+
+    if partner.kind != "ehr" or (request.get("status") not in (None, "active", "draft")):
+        return "ignored"
+    resources = [request]
+    subject = (request.get("subject") or {}).get("reference", "")
+    if subject.startswith("Patient/"):
+        resources.append(endpoint.read("Patient", subject.split("/", 1)[1]).resource)
+    for task in endpoint.search("Task", {"focus": f"ServiceRequest/{request['id']}"}):
+        resources.append(task)
+    organization = partner.receiving_organization or (partner.organizations or ["unassigned"])[0]
+    result = import_graph(fhir_input.ResourceGraph(fhir_input.parse(
+        {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": r} for r in resources]})),
+        Organization(id=organization))
+    if not result.cases:
+        return "ignored"
+    case = result.cases[0]
+    case.status = "intake"
+    claim = f"partner:{partner.id}:ServiceRequest/{request['id']}"
+    stored = store.add_case(organization, schemas.dump_case(case), actor=f"partner:{partner.id}", claim=claim)
+    for resource in case_resources(case):
+        if resource["resourceType"] in ("ServiceRequest", "Patient", "Task"):
+            remote = next((r for r in resources if r["resourceType"] == resource["resourceType"]
+                           and r.get("id") == resource["id"]), None)
+            if remote is not None:
+                _save_ledger(store, partner.id, stored.id, resource["resourceType"], resource["id"], remote["id"],
+                             (remote.get("meta") or {}).get("versionId"), None, None)
+    return "created" if stored.version == 1 else "unchanged"
+
+
+def _task_for_our_referral(store: Store, partner: Any, task: dict) -> str:
+    """A Task the partner made for a referral we sent: it carries the referral's status from now on."""
+    from mappings.export import CaseIds
+
+    focus = (task.get("focus") or {}).get("reference", "")
+    if not focus.startswith("ServiceRequest/"):
+        return "ignored"
+    request_row = _ledger_by_remote(store, partner.id, "ServiceRequest", focus.split("/", 1)[1])
+    if request_row is None:
+        return "ignored"
+    case = schemas.load_case(_current_case(store, request_row.case_id).data)
+    service_id = next((sid for sid, rid in CaseIds(case).services.items() if rid == request_row.local_id), None)
+    task_id = CaseIds(case).tasks.get(service_id) if service_id else None
+    if task_id is None:
+        return "ignored"
+    _save_ledger(store, partner.id, case.id, "Task", task_id, task["id"], (task.get("meta") or {}).get("versionId"),
+                 None, None)
+    return _apply_known(store, partner, _ledger_by_remote(store, partner.id, "Task", task["id"]), task)
+
+
+def _ledger_by_remote(store: Store, partner_id: str, rtype: Optional[str], remote_id: Optional[str]) -> Optional[Any]:
+    if not rtype or not remote_id:
+        return None
+    with store.engine.connect() as conn:
+        return conn.execute(select(ledger).where(ledger.c.partner_id == partner_id, ledger.c.resource_type == rtype,
+                                                 ledger.c.remote_id == remote_id)).first()
+
+
+def _case_of_local(store: Store, rtype: str, local_id: str) -> Optional[str]:
+    from service.store import fhir_resources
+
+    with store.engine.connect() as conn:
+        return conn.execute(select(fhir_resources.c.case_id).where(
+            fhir_resources.c.resource_type == rtype, fhir_resources.c.resource_id == local_id)).scalar()
+
+
+def partners_to_pull(store: Store, at: dt.datetime) -> list[str]:
+    with store.engine.connect() as conn:
+        rows = conn.execute(select(partners.c.id, partners.c.last_pull_at, partners.c.pull_every_minutes)
+                            .where(partners.c.active.is_(True), partners.c.direction != "push")).all()
+    due = []
+    for row in rows:
+        last = row.last_pull_at
+        if last is not None and last.tzinfo is None:
+            last = last.replace(tzinfo=dt.timezone.utc)
+        if last is None or at - last >= dt.timedelta(minutes=row.pull_every_minutes):
+            due.append(row.id)
+    return due
