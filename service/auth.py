@@ -8,9 +8,10 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass, field
+from datetime import timezone
 from typing import Optional
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 
 from service.errors import CasebridgeError
 from service.store import Store, api_keys, now
@@ -51,6 +52,8 @@ def create_key(store: Store, organization_id: str, scopes: list[str], label: Opt
     unknown = sorted(set(scopes) - set(SCOPES))
     if unknown:
         raise ValueError(f"unknown scopes: {', '.join(unknown)} (known: {', '.join(SCOPES)})")
+    if not organization_id or not organization_id.strip():
+        raise ValueError("name the organization the key belongs to")
     key_id = secrets.token_hex(8)
     secret = secrets.token_urlsafe(32)
     with store.engine.begin() as conn:
@@ -60,9 +63,50 @@ def create_key(store: Store, organization_id: str, scopes: list[str], label: Opt
     return f"cb_{key_id}_{secret}"
 
 
-def revoke_key(store: Store, key_id: str) -> None:
+def parse_scopes(text: str) -> list[str]:
+    """``cases:read,cases:write`` (commas or spaces) as a list; ``ValueError`` naming any unknown scope."""
+    scopes = [s for s in text.replace(",", " ").split() if s]
+    if not scopes:
+        raise ValueError(f"name at least one scope (known: {', '.join(SCOPES)})")
+    unknown = sorted(set(scopes) - set(SCOPES))
+    if unknown:
+        raise ValueError(f"unknown scopes: {', '.join(unknown)} (known: {', '.join(SCOPES)})")
+    return scopes
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """What may be shown about a key: everything but its secret (and the secret's hash)."""
+    id: str
+    organization_id: str
+    scopes: tuple[str, ...]
+    label: Optional[str]
+    created_at: str
+    revoked: bool
+
+
+def list_keys(store: Store, organization_id: str) -> list[KeyInfo]:
+    with store.engine.connect() as conn:
+        rows = conn.execute(select(api_keys.c.id, api_keys.c.organization_id, api_keys.c.scopes, api_keys.c.label,
+                                   api_keys.c.created_at, api_keys.c.revoked)
+                            .where(api_keys.c.organization_id == organization_id)
+                            .order_by(api_keys.c.created_at, api_keys.c.id)).all()
+    return [KeyInfo(r.id, r.organization_id, tuple(r.scopes.split()), r.label, _iso(r.created_at), bool(r.revoked))
+            for r in rows]
+
+
+def revoke_key(store: Store, key_id: str) -> bool:
+    """Revoke a key at once (its next request is a 401); False when there is no such key."""
     with store.engine.begin() as conn:
-        conn.execute(update(api_keys).where(api_keys.c.id == key_id).values(revoked=True))
+        result = conn.execute(update(api_keys).where(api_keys.c.id == key_id).values(revoked=True))
+    return result.rowcount == 1
+
+
+def _iso(stamp) -> str:
+    return (stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)).isoformat()
+
+
+_KEY_BY_ID = select(api_keys).where(api_keys.c.id == bindparam("key_id"))  # built once: every request runs it
 
 
 def authenticate(store: Store, token: Optional[str]) -> Actor:
@@ -72,7 +116,7 @@ def authenticate(store: Store, token: Optional[str]) -> Actor:
     if len(parts) != 3 or parts[0] != "cb":
         raise Unauthenticated("the API key is not valid")
     with store.engine.connect() as conn:
-        row = conn.execute(select(api_keys).where(api_keys.c.id == parts[1])).first()
+        row = conn.execute(_KEY_BY_ID, {"key_id": parts[1]}).first()
     if row is None or row.revoked or not hmac.compare_digest(row.secret_hash, _hash(parts[2])):
         raise Unauthenticated("the API key is not valid")
     return Actor(row.organization_id, row.id, frozenset(row.scopes.split()))

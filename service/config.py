@@ -6,12 +6,15 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-DEFAULT_HOME = Path(os.environ.get("CASEBRIDGE_HOME", Path.cwd() / "instance"))
+
+def default_home() -> Path:
+    return Path(os.environ.get("CASEBRIDGE_HOME") or Path.cwd() / "instance")
 
 
 @dataclass
 class Settings:
-    database_url: str = f"sqlite:///{DEFAULT_HOME / 'casebridge.db'}"
+    #: '' = SQLite in the home folder
+    database_url: str = ""
     #: largest request body accepted, in bytes (413 past it)
     max_body_bytes: int = 5 * 1024 * 1024
     #: deepest JSON nesting accepted (400 past it)
@@ -21,7 +24,10 @@ class Settings:
     max_page_size: int = 500
     #: the URL partners see, for fullUrls and Location headers ('' = worked out from each request)
     base_url: str = ""
+    #: the Celery broker ('' = the embedded one: SQLAlchemy over SQLite in the home folder)
     broker_url: str = ""
+    #: where the embedded database, broker and secret key live
+    home: Path = field(default_factory=default_home)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -30,11 +36,19 @@ class Settings:
         for f in fields(cls):
             env = os.environ.get(f"CASEBRIDGE_{f.name.upper()}")
             if env is not None and f.name != "extra":
-                values[f.name] = int(env) if f.type == "int" or isinstance(f.default, int) else env
+                if isinstance(f.default, bool) or f.name == "extra":
+                    continue
+                values[f.name] = (int(env) if isinstance(f.default, int) else Path(env) if f.name == "home" else env)
         settings = cls(**values)
         for key, value in (overrides or {}).items():
             if hasattr(settings, key):
                 setattr(settings, key, value)
             else:
                 settings.extra[key] = value
+        settings.home = Path(settings.home)
+        if not settings.database_url:
+            settings.home.mkdir(parents=True, exist_ok=True)
+            settings.database_url = f"sqlite:///{settings.home / 'casebridge.db'}"
+        if not settings.broker_url:
+            settings.home.mkdir(parents=True, exist_ok=True)
         return settings

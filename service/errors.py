@@ -55,3 +55,10 @@ class Conflict(CasebridgeError):
     status = 412
     fhir_code = "conflict"
     title = "Version conflict"
+
+
+class AlreadyExists(CasebridgeError):
+    """A create names an id that is already taken."""
+    status = 409
+    fhir_code = "duplicate"
+    title = "Already exists"

@@ -6,7 +6,6 @@ Secrets (tokens, client secrets, private keys) are stored encrypted (Fernet, key
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Optional
 
 import orjson
@@ -18,6 +17,7 @@ from adapters import auth as partner_auth
 from adapters.base import Capabilities, route as plan_route
 from adapters.fhir_rest import FhirRestEndpoint
 from adapters.profiles import PROFILES
+from service.config import default_home
 from service.errors import Invalid, NotFound, Problem
 from service.schemas import ID_RE
 from service.store import Store, now
@@ -98,7 +98,7 @@ def _problems(error: ValidationError, prefix: str = "") -> list[Problem]:
 def _cipher(store: Store) -> Fernet:
     key = os.environ.get("CASEBRIDGE_SECRET_KEY")
     if not key:
-        home = Path(os.environ.get("CASEBRIDGE_HOME", Path.cwd() / "instance"))
+        home = default_home()
         path = home / "secret.key"
         if not path.exists():
             home.mkdir(parents=True, exist_ok=True)
@@ -221,7 +221,14 @@ def check_capabilities(store: Store, partner_id: str, endpoint=None) -> dict:
 
 def route_json(chosen, capabilities: Capabilities) -> dict:
     """A partner's route as stored and shown: what is written there, how, and what is read."""
-    readable = sorted(t for t, rc in capabilities.resources.items() if {"read", "search-type"} & rc.interactions)
+    ours = set(RESOURCE_TYPES)
+    readable = sorted(t for t, rc in capabilities.resources.items()
+                      if t in ours and {"read", "search-type"} & rc.interactions)
     return {"mode": chosen.mode.value, "write_method": chosen.write_method.value,
-            "writable": sorted(chosen.writable), "readable": readable,
-            "conditional_create": sorted(chosen.conditional_create)}
+            "writable": sorted(ours & chosen.writable), "readable": readable,
+            "conditional_create": sorted(ours & chosen.conditional_create)}
+
+
+#: the resource types a case record becomes (the rest of a partner's statement does not concern us)
+RESOURCE_TYPES = ("Organization", "Practitioner", "Patient", "Condition", "Goal", "ServiceRequest", "Task",
+                  "CareTeam", "CarePlan")

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import orjson
 from sqlalchemy import (
     JSON, Boolean, Column, DateTime, ForeignKey, Index, Integer, MetaData, String, Table, Text, UniqueConstraint,
-    and_, create_engine, delete, event, func, insert, or_, select, update,
+    and_, bindparam, create_engine, delete, event, func, insert, or_, select, update,
 )
 from sqlalchemy.engine import Connection, Engine
 
-from service.errors import Conflict, NotFound
+from service.errors import AlreadyExists, Conflict, NotFound
 
 metadata = MetaData()
 
@@ -58,6 +59,8 @@ client_identifiers = Table(
 )
 
 #: one row per FHIR resource a case converts to, with the values its search parameters need
+#: (written by ``service.fhir_index`` inside each case save). A resource shared by several cases of
+#: one organization (a client's Patient) has a row per case; the current one is the newest.
 fhir_resources = Table(
     "fhir_resources", metadata,
     Column("resource_type", String(32), primary_key=True),
@@ -67,16 +70,18 @@ fhir_resources = Table(
     Column("patient_id", String(64), index=True),
     Column("version", Integer, nullable=False),
     Column("last_updated", DateTime(timezone=True), nullable=False),
+    Column("deleted", Boolean, nullable=False, default=False),
     Column("status", String(32)),
-    Column("date_start", String(40)),
-    Column("date_end", String(40)),
+    Column("date_lo", String(40)),  # the range of the type's date parameter, UTC, start inclusive
+    Column("date_hi", String(40)),  # ... end exclusive
     Column("name", Text),
-    Column("birthdate", String(10)),
     Column("gender", String(16)),
     Index("ix_fhir_resources_search", "organization_id", "resource_type", "patient_id", "last_updated"),
+    Index("ix_fhir_resources_id", "organization_id", "resource_type", "resource_id"),
+    Index("ix_fhir_resources_case", "case_id"),
 )
 
-#: token search values (category, code, identifier, ...) of those resources
+#: token and reference search values (category, code, identifier, focus, goal, ...) of those resources
 fhir_tokens = Table(
     "fhir_tokens", metadata,
     Column("resource_type", String(32), nullable=False),
@@ -114,7 +119,7 @@ audit_events = Table(
     "audit_events", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("recorded_at", DateTime(timezone=True), nullable=False),
-    Column("organization_id", String(64), nullable=False, index=True),
+    Column("organization_id", String(64)),  # none when the caller was not authenticated
     Column("key_id", String(32)),
     Column("action", String(16), nullable=False),  # C R U D E (FHIR AuditEvent.action)
     Column("operation", String(64), nullable=False),
@@ -122,7 +127,15 @@ audit_events = Table(
     Column("entity_id", String(128)),
     Column("outcome", Integer, nullable=False),  # HTTP status
     Column("detail", JSON),
+    Index("ix_audit_events_org_id", "organization_id", "id"),
+    Index("ix_audit_events_org_entity", "organization_id", "entity_id"),
+    Index("ix_audit_events_org_recorded", "organization_id", "recorded_at"),
 )
+
+
+#: built once: a read on every request should not pay for building its statement each time
+_CURRENT_CASE = select(cases).where(cases.c.id == bindparam("case_id"),
+                                    cases.c.organization_id == bindparam("organization_id"))
 
 
 def now() -> dt.datetime:
@@ -167,6 +180,7 @@ SaveHook = Callable[[Connection, StoredCase], None]
 class Store:
     def __init__(self, url: str):
         self.url = url
+        _make_sqlite_folder(url)
         self.engine = make_engine(url)
         self.save_hooks: list[SaveHook] = []
 
@@ -190,7 +204,7 @@ class Store:
                     return self.get_case(organization_id, existing, conn=c)
                 c.execute(insert(create_keys).values(organization_id=organization_id, key=claim, case_id=data["id"]))
             if c.execute(select(cases.c.id).where(cases.c.id == data["id"])).scalar() is not None:
-                raise Conflict(f"case {data['id']} already exists", status=409)
+                raise AlreadyExists(f"case {data['id']} already exists")
             stamp = now()
             c.execute(insert(cases).values(
                 id=data["id"], organization_id=organization_id, version=1, status=data["status"],
@@ -200,6 +214,18 @@ class Store:
             stored = StoredCase(data["id"], organization_id, 1, False, stamp, stamp, data)
             self._after_save(c, stored)
             return stored
+
+    def claimed_case(self, organization_id: str, claim: str, conn: Optional[Connection] = None) -> Optional[str]:
+        """The id of the case first added under ``claim`` (see ``add_case``), or None."""
+        with self._read(conn) as c:
+            return c.execute(select(create_keys.c.case_id).where(
+                create_keys.c.organization_id == organization_id, create_keys.c.key == claim)).scalar()
+
+    def add_claim(self, organization_id: str, claim: str, case_id: str, conn: Optional[Connection] = None) -> None:
+        """Record that ``claim`` names ``case_id``, as ``add_case(claim=...)`` does; an ``IntegrityError``
+        when the claim is taken, even by a writer that has not committed yet."""
+        with self._tx(conn) as c:
+            c.execute(insert(create_keys).values(organization_id=organization_id, key=claim, case_id=case_id))
 
     def update_case(self, organization_id: str, case_id: str, expected_version: int, data: dict,
                     actor: Optional[str] = None, deleted: bool = False,
@@ -313,8 +339,7 @@ class Store:
             hook(conn, stored)
 
     def _current(self, conn: Connection, organization_id: str, case_id: str) -> Optional[StoredCase]:
-        row = conn.execute(select(cases).where(cases.c.id == case_id,
-                                               cases.c.organization_id == organization_id)).first()
+        row = conn.execute(_CURRENT_CASE, {"case_id": case_id, "organization_id": organization_id}).first()
         return self._row(row) if row is not None else None
 
     @staticmethod
@@ -334,6 +359,19 @@ class _Reuse:
 
     def __exit__(self, *exc) -> None:
         return None
+
+
+def _make_sqlite_folder(url: str) -> None:
+    """The embedded default keeps its SQLite file in ./instance: create the folder when it is missing."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:" \
+            and not parsed.database.startswith("file:"):
+        try:
+            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        except OSError:  # connecting will say what is wrong, where it is reported (``/readyz``, the CLI)
+            pass
 
 
 def _dump(data: dict) -> str:

@@ -95,7 +95,8 @@ def app(tmp_path):
     """The app on a fresh SQLite database."""
     from service import create_app
 
-    return create_app({"database_url": f"sqlite:///{tmp_path / 'casebridge.db'}", "base_url": "http://testserver"})
+    return create_app({"database_url": f"sqlite:///{tmp_path / 'casebridge.db'}", "base_url": "http://testserver",
+                       "home": tmp_path})
 
 
 @pytest.fixture
