@@ -357,6 +357,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers, for the service and the floor")
     parser.add_argument("--database-url", help="a dedicated database (default: a fresh SQLite file)")
     parser.add_argument("--client", choices=("auto", "wrk", "python"), default="auto")
+    parser.add_argument("--warmup", type=int, default=3, help="seconds of unmeasured load before each read route")
     parser.add_argument("--template", type=Path,
                         help="a case record to store (varied) and post (default: the example of docs/case-record.md)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (database, logs)")
@@ -429,10 +430,12 @@ def bench(args, sizes: list[int], use_wrk: bool, workdir: Path, servers: list) -
             problem = probe(server.port, route, tag)
             if problem is not None:
                 result = Result(error=problem)
-            elif use_wrk:
-                result = run_wrk(server.port, route, tag, args.duration, args.connections, workdir)
             else:
-                result = run_python(server.port, route, tag, args.duration, args.connections)
+                run = (lambda d, t: run_wrk(server.port, route, t, d, args.connections, workdir)) if use_wrk \
+                    else (lambda d, t: run_python(server.port, route, t, d, args.connections))
+                if route.method == "GET" and args.warmup:
+                    run(args.warmup, tag + "w")  # steady state: every worker has seen the sampled cases once
+                result = run(args.duration, tag)
             rows.append((size, route.label, result))
             show(size, route.label, result)
         service.stop()

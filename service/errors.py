@@ -62,3 +62,23 @@ class AlreadyExists(CasebridgeError):
     status = 409
     fhir_code = "duplicate"
     title = "Already exists"
+
+
+class PartnerUnavailable(CasebridgeError):
+    """A partner this request had to ask could not be reached, or answered with an error."""
+    status = 502
+    fhir_code = "transient"
+    title = "Partner unavailable"
+
+
+class Gone(CasebridgeError):
+    """The case behind it was entered in error: kept, but no longer served."""
+    status = 410
+    fhir_code = "deleted"
+    title = "Gone"
+
+
+class NotSupported(CasebridgeError):
+    status = 405
+    fhir_code = "not-supported"
+    title = "Not supported"

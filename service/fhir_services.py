@@ -30,30 +30,14 @@ from service import exports
 from mappings.importer import import_graph
 from service import fhir_index, schemas
 from service.domain import Case
-from service.errors import CasebridgeError, Conflict, Invalid, NotFound, Problem, Unprocessable
+from service.errors import (
+    AlreadyExists, CasebridgeError, Conflict, Gone, Invalid, NotFound, NotSupported, Problem, Unprocessable,
+)
 from service.fhir_index import TYPES, date_range, reference_id
 from service.store import cases as case_table
 from service.store import Store, StoredCase, case_versions, create_keys, fhir_resources, fhir_tokens
 
 FHIR_VERSION = "4.0.1"
-
-
-class Gone(CasebridgeError):
-    status = 410
-    fhir_code = "deleted"
-    title = "Gone"
-
-
-class Exists(CasebridgeError):
-    status = 409
-    fhir_code = "duplicate"
-    title = "Already exists"
-
-
-class NotSupported(CasebridgeError):
-    status = 405
-    fhir_code = "not-supported"
-    title = "Not supported"
 
 
 @dataclass
@@ -481,9 +465,12 @@ def search(store: Store, actor, resource_type: str, params: Iterable[tuple[str, 
     for clause in request.clauses:
         query = query.where(clause)
     with _conn(store, conn) as c:
-        total = c.execute(select(func.count()).select_from(query.subquery())).scalar_one()
         rows = c.execute(query.order_by(r.c.last_updated.desc(), r.c.resource_id)
                          .limit(request.count).offset(request.offset)).all() if request.count else []
+        if request.count and not request.offset and len(rows) < request.count:
+            total = len(rows)  # the whole result is on this page: no need to count it again
+        else:
+            total = c.execute(select(func.count()).select_from(query.subquery())).scalar_one()
         cases = _Cases(store, actor.organization_id, c)
         matches = [m for m in (cases.resource(row) for row in rows) if m is not None]
         included = _included(c, cases, actor.organization_id, request, matches)
@@ -844,7 +831,7 @@ def _create(store: Store, actor, written: dict, conn: Connection, path: str) -> 
         existing = [t for t in _Cases(store, org, conn).resources(target).values()
                     if t["resourceType"] == "Task" and reference_id(t.get("focus"), "ServiceRequest") == focus]
         if existing:
-            raise Exists(f"ServiceRequest/{focus} already has Task/{existing[0]['id']}: update that task",
+            raise AlreadyExists(f"ServiceRequest/{focus} already has Task/{existing[0]['id']}: update that task",
                          [Problem(where, f"already the focus of Task/{existing[0]['id']}")])
         case = schemas.load_case(target.data)
         patient_ref = f"Patient/{CaseIds(case).patient}"

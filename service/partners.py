@@ -5,7 +5,9 @@ Secrets (tokens, client secrets, private keys) are stored encrypted (Fernet, key
 """
 from __future__ import annotations
 
+import datetime as dt
 import os
+import re
 from typing import Any, Optional
 
 import orjson
@@ -15,10 +17,11 @@ from sqlalchemy import delete, insert, select, update
 
 from adapters import auth as partner_auth
 from adapters.base import Capabilities, route as plan_route
+from adapters.errors import PartnerError, PermanentError
 from adapters.fhir_rest import FhirRestEndpoint
 from adapters.profiles import PROFILES
 from service.config import default_home
-from service.errors import Invalid, NotFound, Problem
+from service.errors import AlreadyExists, Invalid, NotFound, Problem
 from service.schemas import ID_RE
 from service.store import Store, now
 from service.sync_store import partners
@@ -31,6 +34,9 @@ AUTH_FIELDS = {
     "smart_backend": {"token_url", "client_id", "private_key", "kid"},
 }
 MIN_PULL_MINUTES = 15
+MAX_PULL_MINUTES = 525_600  # a year
+#: an id, the whole string (marshmallow's Regexp only anchors at the start)
+WHOLE_ID_RE = re.compile(rf"(?:{ID_RE.pattern})\Z")
 
 
 class AuthSchema(Schema):
@@ -58,21 +64,22 @@ class PartnerSchema(Schema):
     class Meta:
         unknown = RAISE
 
-    id = fields.String(required=True, validate=validate.Regexp(ID_RE))
-    name = fields.String(required=True, validate=validate.Length(min=1))
+    id = fields.String(required=True, validate=validate.Regexp(WHOLE_ID_RE))
+    name = fields.String(required=True, validate=validate.Length(min=1, max=255))
     kind = fields.String(required=True, validate=validate.OneOf(["ehr", "payer"]))
-    base_url = fields.Url(required=True, require_tld=False)
+    base_url = fields.Url(required=True, require_tld=False, validate=validate.Length(max=1024))
     auth = fields.Nested(AuthSchema, load_default=lambda: {"type": "none"})
-    organizations = fields.List(fields.String(validate=validate.Regexp(ID_RE)), required=True,
+    organizations = fields.List(fields.String(validate=validate.Regexp(WHOLE_ID_RE)), required=True,
                                 validate=validate.Length(min=1))
     programs = fields.List(fields.String(), allow_none=True, load_default=None)
     high_risk_only = fields.Boolean(load_default=False)
     direction = fields.String(load_default="both", validate=validate.OneOf(["push", "pull", "both"]))
-    pull_every_minutes = fields.Integer(load_default=60, validate=validate.Range(min=MIN_PULL_MINUTES))
+    pull_every_minutes = fields.Integer(load_default=60,
+                                        validate=validate.Range(min=MIN_PULL_MINUTES, max=MAX_PULL_MINUTES))
     rate_limit = fields.Float(allow_none=True, load_default=None, validate=validate.Range(min=0.01))
     profile = fields.String(allow_none=True, load_default=None, validate=validate.OneOf(sorted(PROFILES)))
     quirks = fields.Dict(load_default=dict)
-    receiving_organization = fields.String(allow_none=True, load_default=None)
+    receiving_organization = fields.String(allow_none=True, load_default=None, validate=validate.Regexp(WHOLE_ID_RE))
     active = fields.Boolean(load_default=True)
 
 
@@ -118,13 +125,20 @@ def _public(row: Any) -> dict:
         "direction": row.direction, "pull_every_minutes": row.pull_every_minutes, "rate_limit": row.rate_limit,
         "quirks": row.quirks or {}, "receiving_organization": row.receiving_organization, "active": row.active,
         "route": row.route, "watermark": row.watermark,
-        "last_pull_at": row.last_pull_at.isoformat() if row.last_pull_at else None,
-        "last_success_at": row.last_success_at.isoformat() if row.last_success_at else None,
+        "last_pull_at": iso(row.last_pull_at), "last_success_at": iso(row.last_success_at),
     }
 
 
-def save_partner(store: Store, data: Any, partner_id: Optional[str] = None) -> dict:
-    """Create (or, with ``partner_id``, replace) a partner."""
+def iso(stamp: Optional[dt.datetime]) -> Optional[str]:
+    """A stored time as ISO 8601 with its zone (SQLite gives naive datetimes back; every stamp is UTC)."""
+    if stamp is None:
+        return None
+    return (stamp if stamp.tzinfo else stamp.replace(tzinfo=dt.timezone.utc)).isoformat()
+
+
+def save_partner(store: Store, data: Any, partner_id: Optional[str] = None, create: bool = False) -> dict:
+    """Create (or, with ``partner_id``, replace) a partner; with ``create``, an id already taken is refused
+    (409) instead of replaced."""
     if partner_id is not None and isinstance(data, dict):
         data = {**data, "id": partner_id}
     try:
@@ -138,6 +152,8 @@ def save_partner(store: Store, data: Any, partner_id: Optional[str] = None) -> d
     values = {**partner, "quirks": quirks, "auth_type": auth["type"], "auth_secret": secret}
     with store.engine.begin() as conn:
         exists = conn.execute(select(partners.c.id).where(partners.c.id == partner["id"])).scalar()
+        if exists and create:
+            raise AlreadyExists(f"partner {partner['id']} already exists (PUT /partners/{partner['id']} replaces it)")
         if exists:
             conn.execute(update(partners).where(partners.c.id == partner["id"]).values(**values))
         else:
@@ -208,9 +224,15 @@ def endpoint_for(store: Store, partner_id: str) -> FhirRestEndpoint:
 
 
 def check_capabilities(store: Store, partner_id: str, endpoint=None) -> dict:
-    """Read the partner's /metadata and decide what can be written there (its route)."""
+    """Read the partner's /metadata and decide what can be written there (its route). A partner that
+    cannot be reached, refuses, or answers something other than a CapabilityStatement: ``PartnerError``."""
     endpoint = endpoint or endpoint_for(store, partner_id)
-    capabilities: Capabilities = endpoint.capabilities()
+    try:
+        capabilities: Capabilities = endpoint.capabilities()
+    except PartnerError:
+        raise
+    except (ValueError, TypeError, AttributeError) as error:  # not JSON, or not a usable CapabilityStatement
+        raise PermanentError(f"the partner's /metadata is not a usable CapabilityStatement: {error}") from None
     chosen = route_json(plan_route(capabilities), capabilities)
     summary = {"resources": {t: sorted(rc.interactions) for t, rc in sorted(capabilities.resources.items())},
                "system": sorted(capabilities.system_interactions)}

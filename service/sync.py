@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
 import orjson
-from sqlalchemy import and_, insert, select, update
+from sqlalchemy import and_, insert, or_, select, update
 from sqlalchemy.engine import Connection
 
 from adapters.errors import AmbiguousWrite, PermanentError, TransientError, VersionConflict
@@ -42,6 +42,10 @@ WRITE_ORDER = ("Organization", "Practitioner", "Patient", "Condition", "Goal", "
 SERVER_ELEMENTS = ("id", "meta")
 #: elements derived from the rest, always ours: a partner re-rendering the narrative is no conflict
 DERIVED_ELEMENTS = ("text",)
+
+
+class CaseBusy(TransientError):
+    """Another push holds the case for this partner: try again shortly (this is no failure)."""
 
 
 class ConflictRecorded(Exception):
@@ -99,7 +103,44 @@ class PushResult:
     skipped: str = ""
 
 
+#: how long one push holds a case (for one partner) before another may take it over
+LEASE_SECONDS = 30
+
+
 def push_case(store: Store, case_id: str, partner_id: str, version: int, endpoint: Any) -> PushResult:
+    """Push a case to a partner; one push of a case to a partner at a time (a lease in its sync
+    state), so two workers never both create the same resource at a partner without conditional
+    create. A push that finds the case taken is retried later (``TransientError``)."""
+    lease = _take_lease(store, case_id, partner_id)
+    try:
+        return _push_case(store, case_id, partner_id, version, endpoint)
+    finally:
+        _release_lease(store, case_id, partner_id, lease)
+
+
+def _take_lease(store: Store, case_id: str, partner_id: str) -> str:
+    import uuid
+
+    token, stamp = uuid.uuid4().hex, now()
+    key = and_(sync_state.c.case_id == case_id, sync_state.c.partner_id == partner_id)
+    with store.engine.begin() as conn:
+        if conn.execute(select(sync_state.c.case_id).where(key)).first() is None:
+            _set_state(conn, case_id, partner_id, status="pending")
+        taken = conn.execute(update(sync_state).where(
+            key, or_(sync_state.c.lease_until.is_(None), sync_state.c.lease_until < stamp))
+            .values(lease=token, lease_until=stamp + dt.timedelta(seconds=LEASE_SECONDS))).rowcount
+    if not taken:
+        raise CaseBusy("another push of this case to this partner is under way", retry_after=2.0)
+    return token
+
+
+def _release_lease(store: Store, case_id: str, partner_id: str, token: str) -> None:
+    with store.engine.begin() as conn:
+        conn.execute(update(sync_state).where(sync_state.c.case_id == case_id, sync_state.c.partner_id == partner_id,
+                                              sync_state.c.lease == token).values(lease=None, lease_until=None))
+
+
+def _push_case(store: Store, case_id: str, partner_id: str, version: int, endpoint: Any) -> PushResult:
     partner = _partner(store, partner_id)
     stored = _current_case(store, case_id)
     state = _state(store, case_id, partner_id)
@@ -130,6 +171,12 @@ def push_case(store: Store, case_id: str, partner_id: str, version: int, endpoin
             if rtype == "Patient" and rtype not in writable:
                 _resolve_patient(store, partner, case, resource, endpoint, by_local)
                 continue
+            if rtype == "Patient" and partner.kind == "payer":
+                try:  # the payer has the member ($member-match found them): refer to theirs, write no copy
+                    _resolve_patient(store, partner, case, resource, endpoint, by_local)
+                    continue
+                except PermanentError:
+                    pass  # not findable by identifier there: send ours
             if rtype not in writable:
                 continue
             row = _push_resource(store, partner, case_id, resource, endpoint, by_local)
@@ -185,6 +232,8 @@ def _rewrite(value: Any, by_local: dict, key: str = "") -> Any:
             new = _rewrite(v, by_local, k)
             if new is not _DROP:
                 out[k] = new
+        if "url" in value and _has_value(value) and not (_has_value(out) or "extension" in out):
+            return _DROP  # an extension whose value was a reference the partner cannot resolve
         return out if out or not value else _DROP
     if isinstance(value, list):
         items = [_rewrite(v, by_local, key) for v in value]
@@ -194,6 +243,10 @@ def _rewrite(value: Any, by_local: dict, key: str = "") -> Any:
 
 
 _DROP = object()
+
+
+def _has_value(element: dict) -> bool:
+    return any(k.startswith("value") and k[5:6].isupper() for k in element)
 
 
 class _MissingTarget(Exception):
@@ -215,19 +268,22 @@ def _push_resource(store: Store, partner: Any, case_id: str, resource: dict, end
     row = by_local.get((rtype, local_id))
     if row is not None and row.sent_hash == digest:
         return None
-    if row is None:
+    conditional = rtype in set((partner.route or {}).get("conditional_create") or ())
+    if row is None and not conditional:  # no If-None-Exist there: look before creating
         row = _adopt(store, partner.id, case_id, rtype, local_id, endpoint)
         if row is not None:
             by_local[(rtype, local_id)] = row
-            if row.sent_hash == digest:
-                return None
     if row is None:
-        conditional = rtype in set((partner.route or {}).get("conditional_create") or ())
         condition = f"identifier={SYNC_SYSTEM}|{local_id}" if conditional else None
         written = endpoint.create(body, if_none_exist=condition)
+        if conditional and _differs(written.resource, body):  # it was there already (an earlier lost answer)
+            row = _save_ledger(store, partner.id, case_id, rtype, local_id, written.id, written.version_id, None,
+                               None)
+            written = _update_remote(store, partner, case_id, rtype, local_id, row, body, endpoint)
     else:
         written = _update_remote(store, partner, case_id, rtype, local_id, row, body, endpoint)
-    saved = _save_ledger(store, partner.id, case_id, rtype, local_id, written.id, written.version_id, digest, body)
+    saved = _save_ledger(store, partner.id, case_id, rtype, local_id, written.id, written.version_id, digest, body,
+                         ours=True)
     by_local[(rtype, local_id)] = saved
     return saved
 
@@ -235,15 +291,52 @@ def _push_resource(store: Store, partner: Any, case_id: str, resource: dict, end
 def _update_remote(store: Store, partner: Any, case_id: str, rtype: str, local_id: str, row: Any, body: dict,
                    endpoint: Any) -> Any:
     sending = {**body, "id": row.remote_id}
+    _note_attempt(store, partner.id, rtype, local_id, body)
     try:
         return endpoint.update(sending, if_match=_etag(row.remote_version))
     except VersionConflict:
         theirs = endpoint.read(rtype, row.remote_id)
-        merged, both = three_way(row.sent or {}, sending, theirs.resource)
+        # the base is what we last wrote there: a write whose answer was lost counts; adopted with
+        # nothing known of what we sent, their copy is the base and ours wins
+        base = _our_write(row, theirs.resource) or row.sent or theirs.resource
+        merged, both = three_way(base, sending, theirs.resource)
         if both:
             _record_conflict(store, partner.id, case_id, rtype, local_id, both, sending, theirs.resource)
             raise ConflictRecorded(f"{rtype} {local_id}: both sides changed {', '.join(both)}") from None
         return endpoint.update({**merged, "id": row.remote_id}, if_match=theirs.etag)
+
+
+#: how many attempted bodies the ledger keeps per resource (a lost answer leaves its write unknown)
+ATTEMPTS_KEPT = 5
+
+
+def _note_attempt(store: Store, partner_id: str, rtype: str, local_id: str, body: dict) -> None:
+    """Remember a body before sending it: if the answer is lost, the partner may hold it without our
+    knowing its version, and it must not later look like the partner's own change."""
+    key = and_(ledger.c.partner_id == partner_id, ledger.c.resource_type == rtype, ledger.c.local_id == local_id)
+    with store.engine.begin() as conn:
+        row = conn.execute(select(ledger.c.attempts).where(key)).first()
+        if row is not None:
+            attempts = [a for a in (row.attempts or []) if a != body][-(ATTEMPTS_KEPT - 1):] + [body]
+            conn.execute(update(ledger).where(key).values(attempts=attempts))
+
+
+def _our_write(row: Any, resource: dict) -> Optional[dict]:
+    """The body we sent that a copy read from the partner is (known, or whose answer was lost), or
+    ``None`` when the copy says something we never sent."""
+    candidates = ([row.sent] if row.sent is not None else []) + list(reversed(row.attempts or ()))
+    for body in candidates:
+        if not _differs(resource, body):
+            return body
+    version = (resource.get("meta") or {}).get("versionId")
+    if version and version in (row.written_versions or ()):
+        return row.sent or resource
+    return None
+
+
+def _differs(stored: dict, body: dict) -> bool:
+    """Whether the partner's copy says something other than ``body`` (ignoring what it adds itself)."""
+    return any(stored.get(k) != v for k, v in body.items() if k not in SERVER_ELEMENTS) if stored else False
 
 
 def three_way(base: dict, ours: dict, theirs: dict) -> tuple[dict, list[str]]:
@@ -334,14 +427,28 @@ def _ledger_rows(store: Store, partner_id: str, local_ids: list[str]) -> list[An
                                                  ledger.c.local_id.in_(local_ids))).all()
 
 
+#: how many of the partner's version ids of our own writes the ledger remembers per resource
+WRITTEN_VERSIONS_KEPT = 50
+
+
 def _save_ledger(store: Store, partner_id: str, case_id: str, rtype: str, local_id: str, remote_id: str,
-                 remote_version: Optional[str], digest: Optional[str], body: Optional[dict]) -> Any:
+                 remote_version: Optional[str], digest: Optional[str], body: Optional[dict],
+                 ours: bool = False) -> Any:
+    """Record what the partner holds; with ``ours``, the version is one we wrote (so a pull that reads
+    it back, even after we wrote again, knows it for an echo and not for the partner's change)."""
     values = dict(remote_id=remote_id, remote_version=remote_version, sent_hash=digest, sent=body, case_id=case_id,
                   updated_at=now())
     key = and_(ledger.c.partner_id == partner_id, ledger.c.resource_type == rtype, ledger.c.local_id == local_id)
     with store.engine.begin() as conn:
-        if conn.execute(update(ledger).where(key).values(**values)).rowcount == 0:
+        current = conn.execute(select(ledger.c.written_versions).where(key)).first()
+        written = list((current.written_versions or []) if current is not None else [])
+        if ours and remote_version and remote_version not in written:
+            written = (written + [remote_version])[-WRITTEN_VERSIONS_KEPT:]
+        values["written_versions"] = written
+        if current is None:
             conn.execute(insert(ledger).values(partner_id=partner_id, resource_type=rtype, local_id=local_id, **values))
+        else:
+            conn.execute(update(ledger).where(key).values(**values))
         return conn.execute(select(ledger).where(key)).first()
 
 
@@ -391,11 +498,9 @@ def record_failure(store: Store, partner_id: str, case_id: Optional[str], versio
 
 
 def _partner(store: Store, partner_id: str) -> Any:
-    with store.engine.connect() as conn:
-        row = conn.execute(select(partners).where(partners.c.id == partner_id)).first()
-    if row is None:
-        raise NotFound(f"no partner {partner_id}")
-    return row
+    from service.partners import partner_row
+
+    return partner_row(store, partner_id)
 
 
 def _current_case(store: Store, case_id: str) -> StoredCase:
@@ -509,12 +614,13 @@ def apply_remote(store: Store, partner: Any, resource: dict, endpoint: Any) -> s
     row = _ledger_by_remote(store, partner.id, rtype, remote_id)
     if row is None:
         ours = next((i.get("value") for i in resource.get("identifier", ()) if i.get("system") == SYNC_SYSTEM), None)
-        if ours:  # ours, created by a write whose answer was lost
+        if ours:  # ours, created by a write whose answer was lost: take it into the ledger, nothing to apply
             case_id = _case_of_local(store, rtype, ours)
             if case_id:
                 _save_ledger(store, partner.id, case_id, rtype, ours, remote_id,
-                             (resource.get("meta") or {}).get("versionId"), None, None)
-                row = _ledger_by_remote(store, partner.id, rtype, remote_id)
+                             (resource.get("meta") or {}).get("versionId"), None, None, ours=True)
+                return "unchanged"
+            return "ignored"
     if row is None:
         if rtype == "ServiceRequest":
             return _inbound_referral(store, partner, resource, endpoint)
@@ -528,6 +634,9 @@ def _apply_known(store: Store, partner: Any, row: Any, resource: dict) -> str:
     from mappings import careplan as plan_map, goal as goal_map, task as task_map
     from mappings.export import CaseIds
 
+    if _our_write(row, resource) is not None:
+        # one of our own writes read back (the case may have moved on since): nothing the partner changed
+        return "unchanged"
     stored = _current_case(store, row.case_id)
     case = schemas.load_case(stored.data)
     rtype = resource["resourceType"]
@@ -586,6 +695,9 @@ def _inbound_referral(store: Store, partner: Any, request: dict, endpoint: Any) 
     case = result.cases[0]
     case.status = "intake"
     claim = f"partner:{partner.id}:ServiceRequest/{request['id']}"
+    if store.claimed_case(organization, claim) is None and _case_exists(store, case.id):
+        # another referral for the same client made a case with this id already: one case per referral
+        case.id = f"{case.id[:40]}-{hashlib.sha256(claim.encode()).hexdigest()[:12]}"
     stored = store.add_case(organization, schemas.dump_case(case), actor=f"partner:{partner.id}", claim=claim)
     for resource in case_resources(case):
         if resource["resourceType"] in ("ServiceRequest", "Patient", "Task"):
@@ -623,6 +735,13 @@ def _ledger_by_remote(store: Store, partner_id: str, rtype: Optional[str], remot
     with store.engine.connect() as conn:
         return conn.execute(select(ledger).where(ledger.c.partner_id == partner_id, ledger.c.resource_type == rtype,
                                                  ledger.c.remote_id == remote_id)).first()
+
+
+def _case_exists(store: Store, case_id: str) -> bool:
+    from service.store import cases
+
+    with store.engine.connect() as conn:
+        return conn.execute(select(cases.c.id).where(cases.c.id == case_id)).first() is not None
 
 
 def _case_of_local(store: Store, rtype: str, local_id: str) -> Optional[str]:

@@ -14,7 +14,9 @@ from service.sync_store import conflicts, dead_letters as letters, ledger, outbo
 
 
 def _iso(stamp: Any) -> Optional[str]:
-    return stamp.isoformat() if stamp is not None else None
+    from service.partners import iso
+
+    return iso(stamp)
 
 
 def partner_status(store: Store, partner_id: str) -> dict:
@@ -86,13 +88,23 @@ def enqueue_pull(partner_id: str) -> None:
     tasks.pull_partner.delay(partner_id)
 
 
+NOTIFICATION_TYPES = ("Bundle", "SubscriptionStatus", "Parameters")
+
+
 def accept_notification(partner_id: str, payload: Any) -> list[str]:
     from service import tasks
     from service.errors import Invalid, Problem
 
+    message = "a notification is a FHIR Bundle, SubscriptionStatus or Parameters"
     if not isinstance(payload, dict):
-        raise Invalid("a notification is a FHIR Bundle or SubscriptionStatus", [Problem("", "expected a JSON object")])
-    references = notified_references(payload)
+        raise Invalid(message, [Problem("", "expected a JSON object")])
+    if payload.get("resourceType") not in NOTIFICATION_TYPES:
+        raise Invalid(message, [Problem("resourceType", f"expected one of {', '.join(NOTIFICATION_TYPES)}")])
+    try:
+        references = notified_references(payload)
+    except (AttributeError, TypeError):  # an element of the wrong JSON type (an entry that is not an object, ...)
+        raise Invalid(message, [Problem("", "not a well-formed notification: an element has the wrong JSON type")]) \
+            from None
     if references:
         tasks.notify.delay(partner_id, references)
     return references

@@ -53,6 +53,8 @@ ledger = Table(
     Column("remote_version", String(64)),
     Column("sent_hash", String(64)),
     Column("sent", JSON),  # the body last synced (for three-way comparison on a conflict)
+    Column("written_versions", JSON),  # the partner's version ids of our own recent writes (echoes on a pull)
+    Column("attempts", JSON),  # bodies we sent lately, answered or not (a lost answer's write is still ours)
     Column("case_id", String(64), nullable=False, index=True),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Index("ix_ledger_remote", "partner_id", "resource_type", "remote_id"),
@@ -67,6 +69,8 @@ sync_state = Table(
     Column("synced_version", Integer, nullable=False, default=0),
     Column("member_id", String(128)),  # a payer's member identifier, from $member-match
     Column("last_error", Text),
+    Column("lease", String(32)),  # the push holding the case for this partner, and until when
+    Column("lease_until", DateTime(timezone=True)),
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 

@@ -7,6 +7,7 @@ full jitter, never sooner than the partner's Retry-After; permanent ones become 
 from __future__ import annotations
 
 import datetime as dt
+import os
 import random
 
 from celery import shared_task
@@ -16,8 +17,9 @@ from service import partners as registry
 from service import runtime, sync
 
 MAX_RETRIES = 8
-BACKOFF_BASE = 2.0
-BACKOFF_CAP = 600.0
+#: seconds: the first retry waits up to BASE, each next one up to twice as long, never more than CAP
+BACKOFF_BASE = float(os.environ.get("CASEBRIDGE_RETRY_BASE") or 2.0)
+BACKOFF_CAP = float(os.environ.get("CASEBRIDGE_RETRY_CAP") or 600.0)
 
 
 def backoff(retries: int, retry_after: float | None = None) -> float:
@@ -36,6 +38,8 @@ def push_case(self, case_id: str, partner_id: str, version: int) -> None:
     store = _store()
     try:
         sync.push_case(store, case_id, partner_id, version, registry.endpoint_for(store, partner_id))
+    except sync.CaseBusy as busy:  # waiting for another push of the case is not a failed attempt
+        raise self.retry(exc=busy, countdown=busy.retry_after or 2.0, max_retries=None)
     except TransientError as error:
         if self.request.retries >= self.max_retries:
             sync.record_failure(store, partner_id, case_id, version, "push", error)

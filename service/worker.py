@@ -30,16 +30,18 @@ def celery_init_app(app, broker_url: str) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         broker_connection_retry_on_startup=True,
-        # Redis/SQS: a task a dead worker had taken is given to another after this many seconds
-        # (keep it above the longest retry countdown, or a waiting retry is delivered twice: harmless)
-        broker_transport_options={"visibility_timeout": float(
-            os.environ.get("CASEBRIDGE_BROKER_VISIBILITY_TIMEOUT") or 3600)},
         beat_schedule={
             "dispatch-outbox": {"task": "casebridge.dispatch_outbox", "schedule": DISPATCH_EVERY_SECONDS},
             "pull-due-partners": {"task": "casebridge.pull_due_partners", "schedule": PULL_CHECK_EVERY_SECONDS},
         },
         imports=("service.tasks",),
     )
+    if broker_url.split(":", 1)[0] in ("redis", "rediss", "sqs"):
+        # a task a dead worker had taken is given to another after this many seconds (keep it above the
+        # longest retry countdown, or a waiting retry is delivered twice: harmless, pushes are idempotent).
+        # Only these transports know the option; the SQLAlchemy one would hand it to create_engine().
+        celery.conf.broker_transport_options = {
+            "visibility_timeout": float(os.environ.get("CASEBRIDGE_BROKER_VISIBILITY_TIMEOUT") or 3600)}
     celery.set_default()
     app.extensions["celery"] = celery
     return celery

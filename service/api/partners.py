@@ -17,28 +17,50 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify, request
 
+from adapters.errors import PartnerError
 from service import actor, audit, runtime, sync_admin
 from service import partners as registry
 from service.api.body import read_json
+from service.errors import NotFound, PartnerUnavailable, Problem, Unprocessable
 
 bp = Blueprint("partners", __name__)
 
 ADMIN = "admin"
 JSON_TYPES = ("application/json",)
 NOTIFY_TYPES = ("application/json", "application/fhir+json")
+#: ids of dead letters and conflicts are 32-bit (larger numbers are no row: 404, not a database error)
+ROW_ID = "int(max=2147483647)"
+
+
+def _visible(who, partner_id: str) -> dict:
+    """A partner the caller's organization shares cases with; any other answers 404, as if absent."""
+    partner = registry.get_partner(runtime().store, partner_id)
+    if who.organization_id not in partner["organizations"]:
+        raise NotFound(f"no partner {partner_id}")
+    return partner
+
+
+def _own_organizations_only(who, data) -> None:
+    """Through the API an organization shares its own cases only (an operator's command line may
+    register a partner for several)."""
+    if isinstance(data, dict) and data.get("organizations") != [who.organization_id]:
+        raise Unprocessable("a partner registered here shares this organization's cases only",
+                            [Problem("organizations", f"must be [\"{who.organization_id}\"]")])
 
 
 @bp.get("/partners")
 def list_partners():
-    actor(ADMIN)
-    return jsonify(items=registry.list_partners(runtime().store))
+    who = actor(ADMIN)
+    return jsonify(items=[p for p in registry.list_partners(runtime().store)
+                          if who.organization_id in p["organizations"]])
 
 
 @bp.post("/partners")
 def create_partner():
-    actor(ADMIN)
+    who = actor(ADMIN)
     data = read_json(JSON_TYPES)
-    partner = registry.save_partner(runtime().store, data)
+    _own_organizations_only(who, data)
+    partner = registry.save_partner(runtime().store, data, create=True)
     response = jsonify(partner)
     response.status_code = 201
     response.headers["Location"] = f"/partners/{partner['id']}"
@@ -47,61 +69,70 @@ def create_partner():
 
 @bp.get("/partners/<partner_id>")
 def get_partner(partner_id: str):
-    actor(ADMIN)
-    return jsonify(registry.get_partner(runtime().store, partner_id))
+    return jsonify(_visible(actor(ADMIN), partner_id))
 
 
 @bp.put("/partners/<partner_id>")
 def replace_partner(partner_id: str):
-    actor(ADMIN)
-    registry.get_partner(runtime().store, partner_id)
-    return jsonify(registry.save_partner(runtime().store, read_json(JSON_TYPES), partner_id))
+    who = actor(ADMIN)
+    _visible(who, partner_id)
+    data = read_json(JSON_TYPES)
+    _own_organizations_only(who, data)
+    return jsonify(registry.save_partner(runtime().store, data, partner_id))
 
 
 @bp.delete("/partners/<partner_id>")
 def delete_partner(partner_id: str):
-    actor(ADMIN)
+    _visible(actor(ADMIN), partner_id)
     registry.delete_partner(runtime().store, partner_id)
     return "", 204
 
 
 @bp.post("/partners/<partner_id>/check")
 def check_partner(partner_id: str):
-    actor(ADMIN)
-    return jsonify(route=registry.check_capabilities(runtime().store, partner_id))
+    _visible(actor(ADMIN), partner_id)
+    store = runtime().store
+    try:
+        return jsonify(route=registry.check_capabilities(store, partner_id))
+    except PartnerError as error:
+        raise PartnerUnavailable(f"the partner could not be reached or did not answer with a usable "
+                                 f"CapabilityStatement: {error}") from None
 
 
 @bp.get("/partners/<partner_id>/status")
 def partner_status(partner_id: str):
-    actor(ADMIN)
+    _visible(actor(ADMIN), partner_id)
     return jsonify(sync_admin.partner_status(runtime().store, partner_id))
 
 
 @bp.post("/partners/<partner_id>/pull")
 def pull_now(partner_id: str):
-    actor(ADMIN)
-    registry.get_partner(runtime().store, partner_id)
+    _visible(actor(ADMIN), partner_id)
     sync_admin.enqueue_pull(partner_id)
     return jsonify(status="queued"), 202
 
 
 @bp.post("/partners/<partner_id>/notify")
 def notify(partner_id: str):
-    actor("fhir:write")
-    registry.get_partner(runtime().store, partner_id)
+    _visible(actor("fhir:write"), partner_id)
     references = sync_admin.accept_notification(partner_id, read_json(NOTIFY_TYPES))
     return jsonify(status="queued", resources=references), 202
 
 
 @bp.get("/dead-letters")
 def dead_letters():
-    actor(ADMIN)
-    return jsonify(items=sync_admin.dead_letters(runtime().store, request.args.get("partner")))
+    who = actor(ADMIN)
+    mine = {p["id"] for p in registry.list_partners(runtime().store) if who.organization_id in p["organizations"]}
+    return jsonify(items=[d for d in sync_admin.dead_letters(runtime().store, request.args.get("partner"))
+                          if d["partner"] in mine])
 
 
-@bp.post("/dead-letters/<int:letter_id>/replay")
+@bp.post(f"/dead-letters/<{ROW_ID}:letter_id>/replay")
 def replay(letter_id: int):
-    actor(ADMIN)
+    who = actor(ADMIN)
+    letter = next((d for d in sync_admin.dead_letters(runtime().store) if d["id"] == letter_id), None)
+    if letter is not None:
+        _visible(who, letter["partner"])
     return jsonify(sync_admin.replay(runtime().store, letter_id)), 202
 
 
@@ -119,7 +150,7 @@ def list_conflicts():
     return jsonify(items=sync_admin.conflicts_of(runtime().store, who, request.args.get("case"), only_open))
 
 
-@bp.post("/conflicts/<int:conflict_id>/resolve")
+@bp.post(f"/conflicts/<{ROW_ID}:conflict_id>/resolve")
 def resolve_conflict(conflict_id: int):
     who = actor("cases:write")
     return jsonify(sync_admin.resolve_conflict(runtime().store, who, conflict_id))

@@ -1,0 +1,266 @@
+"""Push throughput of the sync workers against the local FHIR server, next to a direct client; and the
+time and memory to drain a backlog of case updates. Prints figures; not a test.
+
+    python bench/sync.py [--cases 300] [--backlog-cases 2000] [--backlog-updates 5] [--concurrency 2]
+                         [--broker redis|sqlite]
+
+1. Push rate: ``--cases`` minimal cases are stored, then one worker process with ``--concurrency``
+   threads (the "2 workers") pushes them to tests/fhir_server (profile full). Resources per second =
+   writes the server counted / seconds from the first write to the last case synced. Beside it, a direct
+   client (a plain ``requests`` session per thread, the same number of threads) POSTs the same resources
+   with the same If-None-Exist header to a fresh copy of the same server. Target: the workers reach at
+   least 70% of the direct rate (met / NOT met).
+2. Backlog: ``--backlog-cases`` minimal cases each saved and then updated ``--backlog-updates - 1``
+   times (2,000 x 5 = 10,000 case versions) before a worker starts; the time until every case is synced
+   at its last version, and the peak RSS of the worker process (VmHWM from /proc). The outbox folds the
+   versions of a case waiting together into one push, so far fewer than 10,000 pushes are made.
+
+Redis (db 13, flushed) is the broker when it answers, else the embedded SQLite one.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# bench/http.py would shadow the standard library's http package: keep this directory off the path
+sys.path[:] = [str(ROOT), str(ROOT / "tests")] + [
+    p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import requests  # noqa: E402
+
+REDIS_URL = "redis://127.0.0.1:6379/13"
+ORG = "org-1"
+
+
+def broker_url(kind: str, home: Path) -> str:
+    if kind in ("redis", "auto"):
+        try:
+            import redis
+
+            client = redis.Redis.from_url(REDIS_URL)
+            client.ping()
+            client.flushdb()
+            return REDIS_URL
+        except Exception as error:  # noqa: BLE001
+            if kind == "redis":
+                raise SystemExit(f"Redis is not reachable at {REDIS_URL}: {error}")
+    return f"sqla+sqlite:///{home / 'broker.db'}"
+
+
+def minimal(i: int, prefix: str) -> dict:
+    return {"id": f"{prefix}-{i:05d}", "program": "other", "status": "active", "title": f"{prefix} {i} v1",
+            "organization": {"id": ORG}, "client": {"id": f"{prefix}-client-{i:05d}", "names": [{"family": f"F{i}"}]}}
+
+
+class Instance:
+    def __init__(self, server, broker: str):
+        from service import create_app, partners
+
+        self.dir = tempfile.TemporaryDirectory(prefix="cb-bench-")
+        home = Path(self.dir.name)
+        self.env = {"CASEBRIDGE_HOME": str(home), "CASEBRIDGE_DATABASE_URL": f"sqlite:///{home / 'casebridge.db'}",
+                    "CASEBRIDGE_BROKER_URL": broker_url(broker, home)}
+        os.environ.update(self.env)
+        self.app = create_app()
+        self.store = self.app.extensions["casebridge"].store
+        partners.save_partner(self.store, {"id": "p1", "name": "bench", "kind": "ehr", "base_url": server.base_url,
+                                           "organizations": [ORG], "profile": "full"})
+        partners.check_capabilities(self.store, "p1")
+        self.worker = None
+
+    def add(self, data: dict):
+        from service import schemas
+
+        return self.store.add_case(ORG, schemas.dump_case(schemas.load_case(data)))
+
+    def update(self, stored, n: int):
+        from service import schemas
+
+        data = copy.deepcopy(stored.data)
+        data["title"] = f"{data['title'].rsplit(' v', 1)[0]} v{n}"
+        return self.store.update_case(ORG, stored.id, stored.version, schemas.dump_case(schemas.load_case(data)))
+
+    def start(self, concurrency: int) -> None:
+        self.worker = subprocess.Popen(
+            [sys.executable, "-m", "service.worker", "--beat", "--pool", "threads", "--concurrency",
+             str(concurrency), "--loglevel", "WARNING"],
+            cwd=ROOT, env={**os.environ, **self.env, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        if self.worker is not None and self.worker.poll() is None:
+            self.worker.terminate()
+            try:
+                self.worker.wait(20)
+            except subprocess.TimeoutExpired:
+                self.worker.kill()
+                self.worker.wait()
+        self.dir.cleanup()
+
+    def unsynced(self) -> int:
+        from sqlalchemy import func, or_, select
+
+        from service.sync_store import sync_state
+
+        with self.store.engine.connect() as conn:
+            return conn.execute(select(func.count()).select_from(sync_state).where(or_(
+                sync_state.c.status != "synced", sync_state.c.synced_version < sync_state.c.wanted_version))).scalar()
+
+    def peak_rss_mb(self) -> float:
+        """VmHWM of the worker process and its children, MB (threads pool: one process)."""
+        total = 0
+        pids = [self.worker.pid]
+        try:
+            children = Path(f"/proc/{self.worker.pid}/task/{self.worker.pid}/children").read_text().split()
+            pids += [int(p) for p in children]
+        except OSError:
+            pass
+        for pid in pids:
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        total += int(line.split()[1])
+            except OSError:
+                pass
+        return total / 1024
+
+
+def drain(instance, server, timeout: float, sample=None) -> tuple[float, float]:
+    """Seconds from the first write at the partner to nothing left unsynced; and from worker start."""
+    started = time.monotonic()
+    first_write = None
+    while time.monotonic() - started < timeout:
+        if first_write is None and server.stats()["writes"] > 0:
+            first_write = time.monotonic()
+        if sample:
+            sample()
+        if first_write is not None and instance.unsynced() == 0:
+            end = time.monotonic()
+            return end - first_write, end - started
+        time.sleep(0.2)
+    raise SystemExit(f"not drained within {timeout}s ({instance.unsynced()} cases left)")
+
+
+def direct_rate(server, bodies: list[dict], threads: int) -> float:
+    """Resources a second a plain requests client creates, ``threads`` sessions at once."""
+    chunks = [bodies[i::threads] for i in range(threads)]
+
+    def run(chunk):
+        session = requests.Session()
+        for body in chunk:
+            ident = body["identifier"][-1]
+            reply = session.post(f"{server.base_url}/{body['resourceType']}", json=body, timeout=30,
+                                 headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+json",
+                                          "Prefer": "return=representation",
+                                          "If-None-Exist": f"identifier={ident['system']}|{ident['value']}"})
+            reply.raise_for_status()
+
+    workers = [threading.Thread(target=run, args=(chunk,)) for chunk in chunks]
+    started = time.monotonic()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return len(bodies) / (time.monotonic() - started)
+
+
+def outgoing_bodies(cases: list[dict]) -> list[dict]:
+    """What the workers send for these cases (our resources, with our sync identifier), as plain bodies."""
+    from mappings.export import case_resources
+    from service import schemas, sync
+
+    seen, bodies = set(), []
+    for data in cases:
+        for resource in sync._ordered(case_resources(schemas.load_case(data))):
+            key = (resource["resourceType"], resource["id"])
+            if key in seen:
+                continue
+            seen.add(key)
+            body = sync.outgoing(resource, _AllKnown())
+            bodies.append(body)
+    return bodies
+
+
+class _AllKnown(dict):
+    """A ledger where every reference is already at the partner (under our own id)."""
+
+    def get(self, key, default=None):
+        return type("Row", (), {"remote_id": key[1]})()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", type=int, default=300)
+    parser.add_argument("--backlog-cases", type=int, default=2000)
+    parser.add_argument("--backlog-updates", type=int, default=5)
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--broker", default="auto", choices=["auto", "redis", "sqlite"])
+    options = parser.parse_args()
+
+    from fhir_server.fhirserver import FhirServer
+
+    with FhirServer("full") as server:
+        # 1. push rate, workers vs a direct client
+        cases = [minimal(i, "rate") for i in range(options.cases)]
+        instance = Instance(server, options.broker)
+        try:
+            for data in cases:
+                instance.add(data)
+            instance.start(options.concurrency)
+            pushing, _ = drain(instance, server, timeout=600)
+            writes = server.stats()["writes"]
+            requests_made = server.stats()["requests"]
+        finally:
+            instance.stop()
+        worker_rate = writes / pushing
+        server.reset()
+        bodies = outgoing_bodies(cases)
+        client_rate = direct_rate(server, bodies, options.concurrency)
+        ratio = worker_rate / client_rate
+        broker = "Redis" if instance.env["CASEBRIDGE_BROKER_URL"].startswith("redis") else "embedded SQLite"
+        print(f"push rate ({options.cases} minimal cases, {writes} resources written, {requests_made} requests, "
+              f"broker {broker}, 1 worker process x {options.concurrency} threads):")
+        print(f"  workers        {worker_rate:8.1f} resources/s  ({pushing:.1f} s from first write to all synced)")
+        print(f"  direct client  {client_rate:8.1f} resources/s  ({len(bodies)} POSTs with If-None-Exist, "
+              f"{options.concurrency} threads)")
+        print(f"  ratio          {ratio:8.0%}  target >= 70%: {'met' if ratio >= 0.7 else 'NOT met'}")
+
+        # 2. backlog
+        server.reset()
+        n, k = options.backlog_cases, options.backlog_updates
+        instance = Instance(server, options.broker)
+        try:
+            loading = time.monotonic()
+            for i in range(n):
+                stored = instance.add(minimal(i, "backlog"))
+                for version in range(2, k + 1):
+                    stored = instance.update(stored, version)
+            loaded = time.monotonic() - loading
+            instance.start(options.concurrency)
+            peak = [0.0]
+
+            def sample():
+                peak[0] = max(peak[0], instance.peak_rss_mb())
+
+            pushing, total = drain(instance, server, timeout=3600, sample=sample)
+            sample()
+            stats = server.stats()
+        finally:
+            instance.stop()
+        print(f"backlog: {n} cases x {k} versions = {n * k} case updates waiting (stored in {loaded:.0f} s), "
+              f"1 worker process x {options.concurrency} threads:")
+        print(f"  drained in     {total:8.1f} s from worker start ({pushing:.1f} s from the first write); "
+              f"{stats['writes']} resources written, {stats['requests']} requests")
+        print(f"  peak RSS       {peak[0]:8.1f} MB (worker process, VmHWM)")
+
+
+if __name__ == "__main__":
+    main()
