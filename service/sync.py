@@ -614,13 +614,13 @@ def apply_remote(store: Store, partner: Any, resource: dict, endpoint: Any) -> s
     row = _ledger_by_remote(store, partner.id, rtype, remote_id)
     if row is None:
         ours = next((i.get("value") for i in resource.get("identifier", ()) if i.get("system") == SYNC_SYSTEM), None)
-        if ours:  # ours, created by a write whose answer was lost: take it into the ledger, nothing to apply
-            case_id = _case_of_local(store, rtype, ours)
-            if case_id:
-                _save_ledger(store, partner.id, case_id, rtype, ours, remote_id,
-                             (resource.get("meta") or {}).get("versionId"), None, None, ours=True)
-                return "unchanged"
-            return "ignored"
+        # ours, created by a write whose answer was lost: take it into the ledger, nothing to apply
+        # (another casebridge's resource carries the same identifier system, but no case of ours)
+        case_id = _case_of_local(store, rtype, ours) if ours else None
+        if case_id:
+            _save_ledger(store, partner.id, case_id, rtype, ours, remote_id,
+                         (resource.get("meta") or {}).get("versionId"), None, None, ours=True)
+            return "unchanged"
     if row is None:
         if rtype == "ServiceRequest":
             return _inbound_referral(store, partner, resource, endpoint)
