@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import redis_database
 import requests
 
 from fhir_server.fixtures import fhir_server
@@ -35,17 +36,7 @@ full = fhir_server("full")
 
 
 def redis_db():
-    try:
-        import redis
-    except ImportError:
-        pytest.skip("the redis client is not installed")
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        client.ping()
-    except Exception as error:  # noqa: BLE001
-        pytest.skip(f"Redis is not reachable at {REDIS_URL}: {error}")
-    client.flushdb()
-    return client
+    return redis_database(REDIS_URL)
 
 
 def start_worker(env, log, *, beat=False):

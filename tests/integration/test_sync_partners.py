@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import redis_database
 import requests
 
 from fhir_server.fixtures import fhir_server
@@ -408,17 +409,7 @@ REDIS_URL = "redis://127.0.0.1:6379/11"
 
 
 def _redis_or_skip():
-    try:
-        import redis
-    except ImportError:
-        pytest.skip("the redis client is not installed")
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        client.ping()
-    except Exception as error:  # noqa: BLE001
-        pytest.skip(f"Redis is not reachable at {REDIS_URL}: {error}")
-    client.flushdb()
-    return client
+    return redis_database(REDIS_URL)
 
 
 def start_worker(home, env, *, beat=False, concurrency=2, pool="threads", log=None):
