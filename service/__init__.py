@@ -42,8 +42,8 @@ def create_app(config: Optional[dict] = None):
     if settings.extra.get("migrate", True):  # False when the caller migrated already (casebridge serve)
         migrations.upgrade(store)
     app.extensions["casebridge"] = Runtime(settings, store)
-    store.save_hooks.append(fhir_index.index_case)  # the FHIR search index, rewritten with each case save
-    store.save_hooks.append(sync.on_case_saved)  # the outbox: what each partner must be sent, same transaction
+    store.add_save_hook(fhir_index.write_rows, prepare=fhir_index.rows_of_record)  # the FHIR search index
+    store.add_save_hook(sync.on_case_saved)  # the outbox: what each partner must be sent, same transaction
     celery_init_app(app, settings.broker_url or default_broker_url(settings.home))
 
     errors.register(app)

@@ -6,30 +6,69 @@ what it returns is shared and must not be changed by the caller.
 """
 from __future__ import annotations
 
+import datetime as dt
 import threading
 from collections import OrderedDict
+from typing import Optional
 
 from mappings.export import DEFAULT_BASE_URL, case_bundle
 from service import schemas
 from service.store import StoredCase
 
-MAX_ENTRIES = 2048
+MAX_ENTRIES = 4096  # bundles and resource maps
 
 _cache: "OrderedDict[tuple, dict]" = OrderedDict()
 _lock = threading.Lock()
 
 
 def bundle_of(stored: StoredCase, bundle_type: str = "collection", base_url: str = DEFAULT_BASE_URL) -> dict:
+    key = _key(stored.organization_id, stored.id, stored.version, stored.updated_at, bundle_type, base_url)
+    found = _get(key)
+    if found is None:
+        found = _put(key, case_bundle(schemas.load_case(stored.data), bundle_type, base_url))
+    return found
+
+
+def cached_bundle(organization_id: str, case_id: str, version: int, updated_at: dt.datetime,
+                  bundle_type: str = "collection", base_url: str = DEFAULT_BASE_URL) -> Optional[dict]:
+    """The bundle of a case version when it is converted already: known from an index row or a
+    short read, so that a hit needs no read of the record itself."""
+    return _get(_key(organization_id, case_id, version, updated_at, bundle_type, base_url))
+
+
+def resources_of(stored: StoredCase) -> dict[tuple[str, str], dict]:
+    """The case version's resources by (type, id), from its collection bundle (cached alike)."""
+    key = _key(stored.organization_id, stored.id, stored.version, stored.updated_at, "resources", "")
+    found = _get(key)
+    if found is None:
+        found = _put(key, {(e["resource"]["resourceType"], e["resource"].get("id")): e["resource"]
+                           for e in bundle_of(stored)["entry"]})
+    return found
+
+
+def cached_resources(organization_id: str, case_id: str, version: int,
+                     updated_at: dt.datetime) -> Optional[dict[tuple[str, str], dict]]:
+    return _get(_key(organization_id, case_id, version, updated_at, "resources", ""))
+
+
+def _key(organization_id: str, case_id: str, version: int, updated_at: dt.datetime, kind: str, base_url: str) -> tuple:
     # the time stamp tells apart same-numbered versions of same-named cases in different databases
-    key = (stored.organization_id, stored.id, stored.version, stored.updated_at, bundle_type, base_url)
+    if updated_at.tzinfo is None:  # SQLite gives stamps back without their zone; all are UTC
+        updated_at = updated_at.replace(tzinfo=dt.timezone.utc)
+    return organization_id, case_id, version, updated_at, kind, base_url
+
+
+def _get(key: tuple) -> Optional[dict]:
     with _lock:
         found = _cache.get(key)
         if found is not None:
             _cache.move_to_end(key)
-            return found
-    bundle = case_bundle(schemas.load_case(stored.data), bundle_type, base_url)
+        return found
+
+
+def _put(key: tuple, value: dict) -> dict:
     with _lock:
-        _cache[key] = bundle
+        _cache[key] = value
         while len(_cache) > MAX_ENTRIES:
             _cache.popitem(last=False)
-    return bundle
+    return value

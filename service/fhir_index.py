@@ -2,7 +2,7 @@
 parameters need.
 
 A FHIR resource here is a view of a case record, so the index is rewritten from the case inside
-every case save (``index_case`` is a ``Store.save_hooks`` entry): a search never sees a case half
+every case save (``write_rows`` is a save hook of the store): a search never sees a case half
 saved, and the index can always be rebuilt from the cases. A resource's version is its case's version.
 
 One row per (resource type, resource id, case). A resource id is unique per type within an
@@ -21,7 +21,7 @@ import datetime as dt
 import re
 from typing import Iterable, Optional
 
-from sqlalchemy import and_, delete, exists, false, insert, or_, select
+from sqlalchemy import and_, bindparam, delete, exists, false, insert, or_, select
 from sqlalchemy.engine import Connection
 
 from mappings.export import case_resources
@@ -162,56 +162,93 @@ def is_deleted(stored: StoredCase) -> bool:
     return stored.deleted or stored.data.get("status") == "entered_in_error"
 
 
-def index_case(conn: Connection, stored: StoredCase) -> None:
-    """Rewrite the case's rows (a ``Store.save_hooks`` entry: runs inside the case's save)."""
-    conn.execute(delete(fhir_tokens).where(fhir_tokens.c.case_id == stored.id))
-    conn.execute(delete(fhir_resources).where(fhir_resources.c.case_id == stored.id))
-    case = schemas.load_case(stored.data)
-    rows, token_rows, seen = [], [], set()
-    deleted = is_deleted(stored)
-    for resource in case_resources(case):
+def rows_of_record(data: dict) -> list[tuple[str, str, dict, list]]:
+    """What a case record puts in the index, by resource: (type, id, search values, tokens). Needs the
+    record only, so a save works it out before its transaction opens (``Store.add_save_hook``)."""
+    found, seen = [], set()
+    for resource in case_resources(schemas.load_case(data)):
         rtype, rid = resource.get("resourceType"), resource.get("id")
         if rtype not in TYPES or not rid or (rtype, rid) in seen:
             continue
         seen.add((rtype, rid))
         values, tokens = search_values(resource)
-        rows.append({"resource_type": rtype, "resource_id": rid, "case_id": stored.id,
-                     "organization_id": stored.organization_id, "version": stored.version,
-                     "last_updated": stored.updated_at, "deleted": deleted, **values})
-        token_rows += [{"resource_type": rtype, "resource_id": rid, "case_id": stored.id,
-                        "organization_id": stored.organization_id, "param": param, "system": system or None,
-                        "code": code[:255]} for param, system, code in dict.fromkeys(tokens)]
+        found.append((rtype, rid, values, list(dict.fromkeys(tokens))))
+    return found
+
+
+_DELETE_TOKENS = delete(fhir_tokens).where(fhir_tokens.c.case_id == bindparam("case_id"))
+_DELETE_ROWS = delete(fhir_resources).where(fhir_resources.c.case_id == bindparam("case_id"))
+_INSERT_ROWS, _INSERT_TOKENS = insert(fhir_resources), insert(fhir_tokens)
+
+
+def write_rows(conn: Connection, stored: StoredCase, prepared: Optional[list] = None) -> None:
+    """Rewrite the case's rows (a save hook: runs inside the case's save, with what
+    ``rows_of_record`` prepared)."""
+    if stored.version > 1:  # a new case has no rows yet
+        conn.execute(_DELETE_TOKENS, {"case_id": stored.id})
+        conn.execute(_DELETE_ROWS, {"case_id": stored.id})
+    if prepared is None:
+        prepared = rows_of_record(stored.data)
+    deleted, org, case_id = is_deleted(stored), stored.organization_id, stored.id
+    rows, token_rows = [], []
+    for rtype, rid, values, tokens in prepared:
+        rows.append({**values, "resource_type": rtype, "resource_id": rid, "case_id": case_id,
+                     "organization_id": org, "version": stored.version, "last_updated": stored.updated_at,
+                     "deleted": deleted})
+        token_rows += [{"resource_type": rtype, "resource_id": rid, "case_id": case_id, "organization_id": org,
+                        "param": param, "system": system or None, "code": code[:255]}
+                       for param, system, code in tokens]
     if rows:
-        conn.execute(insert(fhir_resources), rows)
+        conn.execute(_INSERT_ROWS, rows)
     if token_rows:
-        conn.execute(insert(fhir_tokens), token_rows)
+        conn.execute(_INSERT_TOKENS, token_rows)
+
+
+def index_case(conn: Connection, stored: StoredCase) -> None:
+    """Rewrite the case's rows from the record alone (rebuilding the index, tests)."""
+    write_rows(conn, stored)
 
 
 # -- reading the index -----------------------------------------------------------------------------
-def current_rows(organization_id: str, resource_type: Optional[str] = None, include_deleted: bool = False):
-    """A SELECT of the organization's current rows: for each (type, id) the row of the newest case,
+_NEWER = fhir_resources.alias("newer")
+
+
+def _newer_exists():
+    """A newer row of the same resource: one of a case updated later (ties: the greater case id),
     a case that is not deleted winning over one that is."""
-    r, other = fhir_resources, fhir_resources.alias("newer")
-    newer = exists().where(
+    r, other = fhir_resources, _NEWER
+    return exists().where(
         other.c.organization_id == r.c.organization_id, other.c.resource_type == r.c.resource_type,
         other.c.resource_id == r.c.resource_id,
         or_(and_(other.c.deleted == false(), r.c.deleted == True),  # noqa: E712 - SQL, not Python
             and_(other.c.deleted == r.c.deleted,
                  or_(other.c.last_updated > r.c.last_updated,
                      and_(other.c.last_updated == r.c.last_updated, other.c.case_id > r.c.case_id)))))
-    query = select(r).where(r.c.organization_id == organization_id, ~newer)
-    if resource_type:
+
+
+_NO_NEWER = ~_newer_exists()
+
+
+def current_rows(organization_id, resource_type: Optional[str] = None, include_deleted: bool = False):
+    """A SELECT of the organization's current rows: for each (type, id) the row of the newest case,
+    a case that is not deleted winning over one that is. ``organization_id`` (and ``resource_type``)
+    may be bind parameters, for a statement built once and run many times."""
+    r = fhir_resources
+    query = select(r).where(r.c.organization_id == organization_id, _NO_NEWER)
+    if resource_type is not None:
         query = query.where(r.c.resource_type == resource_type)
     if not include_deleted:
         query = query.where(r.c.deleted == false())
     return query
 
 
+_LOCATE = current_rows(bindparam("org"), bindparam("type"), include_deleted=True).where(
+    fhir_resources.c.resource_id == bindparam("id"))
+
+
 def locate(conn: Connection, organization_id: str, resource_type: str, resource_id: str):
     """The current row of a resource (deleted or not), or None."""
-    query = current_rows(organization_id, resource_type, include_deleted=True).where(
-        fhir_resources.c.resource_id == resource_id)
-    return conn.execute(query).first()
+    return conn.execute(_LOCATE, {"org": organization_id, "type": resource_type, "id": resource_id}).first()
 
 
 def rows_of(conn: Connection, organization_id: str, resource_type: str, resource_id: str,

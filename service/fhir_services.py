@@ -13,13 +13,14 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import uuid
+from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 from urllib.parse import parse_qsl, urlencode
 
 import orjson
-from sqlalchemy import and_, delete, exists, func, insert, or_, select
+from sqlalchemy import and_, bindparam, delete, exists, func, insert, or_, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
@@ -131,7 +132,7 @@ DATE_PREFIXES = ("eq", "ne", "ge", "le", "gt", "lt")
 
 
 def _conn(store: Store, conn: Optional[Connection]):
-    return nullcontext(conn) if conn is not None else store.engine.connect()
+    return nullcontext(conn) if conn is not None else store.reader.connect()
 
 
 def check_type(resource_type: str) -> None:
@@ -154,32 +155,34 @@ def with_meta(resource: dict, version: int, updated: dt.datetime) -> dict:
 
 
 class _Cases:
-    """Cases and their exports, read once per request."""
+    """Cases and their exports, read once per request. An index row names its case's version, so
+    a case whose conversion is cached is not read at all."""
 
     def __init__(self, store: Store, organization_id: str, conn: Connection):
         self.store, self.organization_id, self.conn = store, organization_id, conn
         self._cases: dict[str, StoredCase] = {}
-        self._exports: dict[tuple[str, int], dict] = {}
 
     def case(self, case_id: str) -> StoredCase:
         if case_id not in self._cases:
             self._cases[case_id] = self.store.get_case(self.organization_id, case_id, conn=self.conn)
         return self._cases[case_id]
 
-    def resources(self, stored: StoredCase) -> dict[tuple[str, str], dict]:
-        key = (stored.id, stored.version)
-        if key not in self._exports:
-            bundle = exports.bundle_of(stored)
-            self._exports[key] = {(e["resource"]["resourceType"], e["resource"].get("id")): e["resource"]
-                                  for e in bundle["entry"]}
-        return self._exports[key]
+    @staticmethod
+    def resources(stored: StoredCase) -> dict[tuple[str, str], dict]:
+        return exports.resources_of(stored)
 
     def resource(self, row) -> Optional[Result]:
-        stored = self.case(row.case_id)
-        found = self.resources(stored).get((row.resource_type, row.resource_id))
+        """The resource of an index row (of the current version of its case)."""
+        updated = row.last_updated if row.last_updated.tzinfo else row.last_updated.replace(tzinfo=dt.timezone.utc)
+        version = row.version
+        resources = exports.cached_resources(self.organization_id, row.case_id, version, updated)
+        if resources is None:
+            stored = self.case(row.case_id)
+            resources, version, updated = exports.resources_of(stored), stored.version, stored.updated_at
+        found = resources.get((row.resource_type, row.resource_id))
         if found is None:
             return None
-        return Result(with_meta(found, stored.version, stored.updated_at), stored.version, stored.updated_at,
+        return Result(with_meta(found, version, updated), version, updated,
                       resource_type=row.resource_type, resource_id=row.resource_id)
 
 
@@ -346,25 +349,27 @@ def _token_exists(param: str, rtype_col, rid_col, case_col, condition):
 
 @dataclass
 class SearchRequest:
+    """A checked search: its conditions as a *shape* (what SQL they need, hashable) and the values
+    bound into that SQL, so that searches of one shape share one statement, built once."""
     resource_type: str
     params: list[tuple[str, str]]
     count: int
     offset: int = 0
     includes: list[str] = field(default_factory=list)
     revincludes: list[str] = field(default_factory=list)
-    clauses: list = field(default_factory=list)
+    shape: list[tuple] = field(default_factory=list)
+    values: list = field(default_factory=list)
 
 
 def parse_search(resource_type: str, params: Iterable[tuple[str, str]], page_size: int = 50,
                  max_page_size: int = 500) -> SearchRequest:
-    """Check every parameter (an unknown one is an error, never ignored) and build the query's
+    """Check every parameter (an unknown one is an error, never ignored) and work out the query's
     conditions. Repeated parameters must all hold; comma-separated values are alternatives."""
     check_type(resource_type)
     params = [(k, v) for k, v in params]
     request = SearchRequest(resource_type, params, page_size)
     known = {**COMMON, **PARAMS[resource_type]}
     problems: list[Problem] = []
-    r = fhir_resources
     for name, value in params:
         base_name, _, modifier = name.partition(":")
         try:
@@ -387,8 +392,9 @@ def parse_search(resource_type: str, params: Iterable[tuple[str, str]], page_siz
                                                          f"{', '.join(allowed) or 'none'})")])
                     (request.includes if base_name == "_include" else request.revincludes).append(item)
             elif base_name in known:
-                clause = _clause(known[base_name], name, modifier, value)
-                request.clauses.append(clause)
+                shape, values = _condition(known[base_name], name, modifier, value)
+                request.shape.append(shape)
+                request.values += values
             else:
                 problems.append(Problem(name, f"unknown search parameter for {resource_type} (supported: "
                                               f"{', '.join([*known, *CONTROL[:3]])})"))
@@ -400,8 +406,8 @@ def parse_search(resource_type: str, params: Iterable[tuple[str, str]], page_siz
     return request
 
 
-def _clause(param: Param, name: str, modifier: str, value: str):
-    r = fhir_resources
+def _condition(param: Param, name: str, modifier: str, value: str) -> tuple[tuple, list]:
+    """One parameter's condition as (shape, bound values): see ``_sql`` for the SQL of each shape."""
     values = _split(value)
     if not values:
         raise Invalid("", [Problem(name, "give a value")])
@@ -410,70 +416,134 @@ def _clause(param: Param, name: str, modifier: str, value: str):
     if modifier not in allowed_modifiers:
         raise Invalid("", [Problem(name, f"the :{modifier} modifier is not supported")])
     if param.kind == "id":
-        return r.c.resource_id.in_(values)
+        return ("id", len(values)), values
     if param.kind == "column":
-        return r.c[param.target].in_([_token(v)[2] for v in values])
+        return ("column", param.target, len(values)), [_token(v)[2] for v in values]
     if param.kind == "token":
-        alternatives = []
+        modes, bound = [], []
         for v in values:
             mode, system, code = _token(v)
-            t = fhir_tokens
-            cond = t.c.code == code
+            modes.append(mode)
+            bound += [code, system] if mode == "system" else [code]
+        return ("token", param.target, tuple(modes)), bound
+    if param.kind == "reference":
+        return ("reference", len(values)), [_ref_id(v, param.ref_type) for v in values]
+    if param.kind == "reftoken":
+        return ("reftoken", param.target, len(values)), [_ref_id(v, param.ref_type) for v in values]
+    if param.kind == "string":
+        patterns = []
+        for v in values:
+            words = v.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            patterns.append({"": f"% {words}%", "contains": f"%{words}%", "exact": f"% {words} %"}[modifier])
+        return ("string", len(patterns)), patterns
+    if param.kind in ("date", "lastUpdated"):
+        prefixes, bound = [], []
+        for v in values:
+            prefix, (lo, hi) = _date_prefix(name, v)
+            prefixes.append(prefix)
+            bound += [lo, hi] if param.kind == "date" else [_stamp(lo), _stamp(hi)]
+        return (param.kind, tuple(prefixes)), bound
+    raise AssertionError(param.kind)
+
+
+def _sql(shape: tuple, bind):
+    """The SQL condition of a shape; ``bind()`` gives its next bind parameter. A list of values
+    has a parameter each (no expanding parameters: the statement runs as compiled)."""
+    r, kind = fhir_resources, shape[0]
+
+    def each(n: int) -> list:
+        return [bind() for _ in range(n)]
+
+    if kind == "id":
+        return r.c.resource_id.in_(each(shape[1]))
+    if kind == "column":
+        return r.c[shape[1]].in_(each(shape[2]))
+    if kind == "reference":
+        return r.c.patient_id.in_(each(shape[1]))
+    if kind == "reftoken":
+        return _token_exists(shape[1], r.c.resource_type, r.c.resource_id, r.c.case_id,
+                             fhir_tokens.c.code.in_(each(shape[2])))
+    if kind == "token":
+        t, alternatives = fhir_tokens, []
+        for mode in shape[2]:
+            cond = t.c.code == bind()
             if mode == "system":
-                cond = and_(cond, t.c.system == system)
+                cond = and_(cond, t.c.system == bind())
             elif mode == "none":
                 cond = and_(cond, t.c.system.is_(None))
             alternatives.append(cond)
-        return _token_exists(param.target, r.c.resource_type, r.c.resource_id, r.c.case_id, or_(*alternatives))
-    if param.kind == "reference":
-        return r.c.patient_id.in_([_ref_id(v, param.ref_type) for v in values])
-    if param.kind == "reftoken":
-        return _token_exists(param.target, r.c.resource_type, r.c.resource_id, r.c.case_id,
-                             fhir_tokens.c.code.in_([_ref_id(v, param.ref_type) for v in values]))
-    if param.kind == "string":
-        alternatives = []
-        for v in values:
-            words = v.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            pattern = {"": f"% {words}%", "contains": f"%{words}%", "exact": f"% {words} %"}[modifier]
-            alternatives.append(r.c.name.like(pattern, escape="\\"))
+        return _token_exists(shape[1], r.c.resource_type, r.c.resource_id, r.c.case_id, or_(*alternatives))
+    if kind == "string":
+        return or_(*[r.c.name.like(bind(), escape="\\") for _ in range(shape[1])])
+    if kind == "date":
+        return or_(*[and_(r.c.date_lo.is_not(None), _range_clause(prefix, bind(), bind(), r.c.date_lo, r.c.date_hi))
+                     for prefix in shape[1]])
+    if kind == "lastUpdated":
+        alternatives, col = [], r.c.last_updated
+        for prefix in shape[1]:
+            lo, hi = bind(), bind()
+            alternatives.append({"eq": and_(col >= lo, col < hi), "ne": or_(col < lo, col >= hi), "ge": col >= lo,
+                                 "gt": col >= hi, "le": col < hi, "lt": col < lo}[prefix])
         return or_(*alternatives)
-    if param.kind == "date":
-        alternatives = []
-        for v in values:
-            prefix, (lo, hi) = _date_prefix(name, v)
-            alternatives.append(and_(r.c.date_lo.is_not(None), _range_clause(prefix, lo, hi, r.c.date_lo, r.c.date_hi)))
-        return or_(*alternatives)
-    if param.kind == "lastUpdated":
-        alternatives = []
-        for v in values:
-            prefix, (lo, hi) = _date_prefix(name, v)
-            stamp_lo, stamp_hi = _stamp(lo), _stamp(hi)
-            col = r.c.last_updated
-            alternatives.append({"eq": and_(col >= stamp_lo, col < stamp_hi), "ne": or_(col < stamp_lo, col >= stamp_hi),
-                                 "ge": col >= stamp_lo, "gt": col >= stamp_hi, "le": col < stamp_hi,
-                                 "lt": col < stamp_lo}[prefix])
-        return or_(*alternatives)
-    raise AssertionError(param.kind)
+    raise AssertionError(kind)
+
+
+@dataclass(frozen=True)
+class _Statements:
+    page: Any   # one page of matches, newest first (binds: org, the values, limit, offset)
+    count: Any  # how many match in all
+    every: Any  # every match, newest first
+
+
+_STATEMENTS: "OrderedDict[tuple, _Statements]" = OrderedDict()
+_MAX_STATEMENTS = 512  # shapes are few (a handful of parameters per type): the most recently used
+
+
+def _statements(resource_type: str, shape: tuple) -> _Statements:
+    """The statements of a search shape, built once: building SQL costs more than running it here."""
+    key = (resource_type, shape)
+    found = _STATEMENTS.get(key)
+    if found is None:
+        names = iter(range(100_000))
+
+        def bind():
+            return bindparam(f"v{next(names)}")
+
+        r = fhir_resources
+        query = fhir_index.current_rows(bindparam("org"), resource_type)
+        for item in shape:
+            query = query.where(_sql(item, bind))
+        every = query.order_by(r.c.last_updated.desc(), r.c.resource_id)
+        found = _Statements(every.limit(bindparam("limit")).offset(bindparam("offset")),
+                            select(func.count()).select_from(query.subquery()), every)
+        _STATEMENTS[key] = found
+        while len(_STATEMENTS) > _MAX_STATEMENTS:
+            _STATEMENTS.popitem(last=False)
+    return found
 
 
 def search(store: Store, actor, resource_type: str, params: Iterable[tuple[str, str]], base: str,
            page_size: int = 50, max_page_size: int = 500, conn: Optional[Connection] = None) -> dict:
     """A searchset Bundle: one page of matches (newest first), what they include, total and links."""
     request = parse_search(resource_type, params, page_size, max_page_size)
-    r = fhir_resources
-    query = fhir_index.current_rows(actor.organization_id, resource_type)
-    for clause in request.clauses:
-        query = query.where(clause)
-    with _conn(store, conn) as c:
-        rows = c.execute(query.order_by(r.c.last_updated.desc(), r.c.resource_id)
-                         .limit(request.count).offset(request.offset)).all() if request.count else []
-        if request.count and not request.offset and len(rows) < request.count:
-            total = len(rows)  # the whole result is on this page: no need to count it again
-        else:
-            total = c.execute(select(func.count()).select_from(query.subquery())).scalar_one()
-        cases = _Cases(store, actor.organization_id, c)
+    statements = _statements(resource_type, tuple(request.shape))
+    bound = {"org": actor.organization_id, **{f"v{i}": v for i, v in enumerate(request.values)}}
+    page = {**bound, "limit": request.count, "offset": request.offset}
+    whole_page = request.count and not request.offset  # fewer rows than asked: the whole result is here
+    if conn is None and not request.includes and not request.revincludes:  # the common search: fast path
+        rows = store.fetch(statements.page, page) if request.count else []
+        total = len(rows) if whole_page and len(rows) < request.count else store.fetch(statements.count, bound)[0][0]
+        cases = _Cases(store, actor.organization_id, None)
         matches = [m for m in (cases.resource(row) for row in rows) if m is not None]
-        included = _included(c, cases, actor.organization_id, request, matches)
+        included: list[Result] = []
+    else:
+        with _conn(store, conn) as c:
+            rows = c.execute(statements.page, page).all() if request.count else []
+            total = len(rows) if whole_page and len(rows) < request.count \
+                else c.execute(statements.count, bound).scalar_one()
+            cases = _Cases(store, actor.organization_id, c)
+            matches = [m for m in (cases.resource(row) for row in rows) if m is not None]
+            included = _included(c, cases, actor.organization_id, request, matches)
     entries = [{"fullUrl": f"{base}/{m.resource_type}/{m.resource_id}", "resource": m.resource,
                 "search": {"mode": "match"}} for m in matches]
     entries += [{"fullUrl": f"{base}/{m.resource_type}/{m.resource_id}", "resource": m.resource,
@@ -525,15 +595,10 @@ def _included(conn: Connection, cases: _Cases, organization_id: str, request: Se
         if not match_ids:
             break
         param = PARAMS[source_type][param_name]
-        query = fhir_index.current_rows(organization_id, source_type)
-        r = fhir_resources
-        if param.kind == "reftoken":
-            token = param.target
-            query = query.where(_token_exists(token, r.c.resource_type, r.c.resource_id, r.c.case_id,
-                                              fhir_tokens.c.code.in_(match_ids)))
-        else:
-            query = query.where(r.c.patient_id.in_(match_ids))
-        for row in conn.execute(query.order_by(r.c.last_updated.desc(), r.c.resource_id)):
+        n = len(match_ids)
+        shape = ((param.kind, param.target, n),) if param.kind == "reftoken" else (("reference", n),)
+        every = _statements(source_type, shape).every
+        for row in conn.execute(every, {"org": organization_id, **{f"v{i}": v for i, v in enumerate(match_ids)}}):
             add(row)
     return found
 

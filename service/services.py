@@ -161,8 +161,11 @@ def export_stored_case(store: Store, actor: Actor, case_id: str, bundle_type: st
     """A stored case as a FHIR Bundle whose fullUrls are under ``base_url``."""
     if bundle_type not in BUNDLE_TYPES:
         raise Invalid("unknown bundle type", [Problem("type", f"must be one of: {', '.join(BUNDLE_TYPES)}")])
-    stored = store.get_case(actor.organization_id, case_id)
-    return exports.bundle_of(stored, bundle_type, base_url)
+    version, updated_at = store.case_stamp(actor.organization_id, case_id)
+    found = exports.cached_bundle(actor.organization_id, case_id, version, updated_at, bundle_type, base_url)
+    if found is None:  # not converted since it last changed (or since this process started)
+        found = exports.bundle_of(store.get_case(actor.organization_id, case_id), bundle_type, base_url)
+    return found
 
 
 def import_fhir(store: Store, actor: Actor, raw: bytes | str | dict | list) -> dict:

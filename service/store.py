@@ -10,6 +10,7 @@ transaction as the case, so a search never sees a case half saved. Schema change
 from __future__ import annotations
 
 import datetime as dt
+from collections import namedtuple
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -133,6 +134,9 @@ audit_events = Table(
 )
 
 
+#: execution option of connections that only read (see ``Store.reader``)
+READONLY = "casebridge_readonly"
+
 #: built once: a read on every request should not pay for building its statement each time
 _CURRENT_CASE = select(cases).where(cases.c.id == bindparam("case_id"),
                                     cases.c.organization_id == bindparam("organization_id"))
@@ -155,8 +159,11 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         @event.listens_for(engine, "begin")
-        def _sqlite_begin(conn):  # take the write lock up front: no upgrade deadlocks between writers
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        def _sqlite_begin(conn):
+            # A writer takes the write lock up front (no upgrade deadlocks between writers); a reader
+            # (``Store.reader``) takes none, so reads never wait for each other or for a writer (WAL).
+            readonly = conn.get_execution_options().get(READONLY, False)
+            conn.connection.driver_connection.execute("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
@@ -176,16 +183,68 @@ class StoredCase:
 #: extra writes done inside a case's save transaction (the FHIR index, the outbox, ...)
 SaveHook = Callable[[Connection, StoredCase], None]
 
+_CASE_STAMP = select(cases.c.version, cases.c.updated_at).where(cases.c.id == bindparam("case_id"),
+                                                               cases.c.organization_id == bindparam("organization_id"))
+_CASE_ID = select(cases.c.id).where(cases.c.id == bindparam("id"))
+_CLAIMED = select(create_keys.c.case_id).where(create_keys.c.organization_id == bindparam("organization_id"),
+                                              create_keys.c.key == bindparam("key"))
+_CREATED_AT = select(cases.c.created_at).where(cases.c.id == bindparam("id"))
+_UPDATE_CASE = update(cases).where(cases.c.id == bindparam("case_id"),
+                                   cases.c.organization_id == bindparam("org"),
+                                   cases.c.version == bindparam("expected"))
+_DELETE_IDENTIFIERS = delete(client_identifiers).where(client_identifiers.c.case_id == bindparam("case_id"))
+
 
 class Store:
     def __init__(self, url: str):
         self.url = url
         _make_sqlite_folder(url)
         self.engine = make_engine(url)
-        self.save_hooks: list[SaveHook] = []
+        #: the same database for connections that only read: on SQLite they take no write lock
+        self.reader = self.engine.execution_options(**{READONLY: True})
+        self._hooks: list[tuple[Callable, Optional[Callable[[dict], Any]]]] = []
+        self._raw: dict = {}  # statement -> compiled for this database (see ``lookup``)
+
+    def add_save_hook(self, hook: Callable, prepare: Optional[Callable[[dict], Any]] = None) -> None:
+        """Run ``hook(conn, stored)`` inside every case save's transaction, after the case is written.
+
+        With ``prepare``, ``prepare(data)`` runs first, on the record alone and before the transaction
+        opens (so work that needs no database holds no lock), and the hook is called as
+        ``hook(conn, stored, prepared)``."""
+        self._hooks.append((hook, prepare))
+
+    def _prepare(self, data: dict) -> list:
+        return [prepare(data) if prepare is not None else None for _, prepare in self._hooks]
 
     def create_all(self) -> None:
         metadata.create_all(self.engine)
+
+    def fetch(self, statement, params: dict) -> list:
+        """The rows of a prebuilt SELECT, run straight through the database driver, each a named
+        tuple whose values are converted by the columns' types, as SQLAlchemy would.
+
+        For the queries every request makes (its API key, the version of the case it reads, a
+        search page): SQLAlchemy's execution layer costs several times what such a query does.
+        Its own read, in no larger transaction; the statement must have no expanding parameters."""
+        prepared = self._raw.get(statement)
+        if prepared is None:
+            prepared = self._raw[statement] = _RawStatement(statement, self.engine.dialect)
+        fairy = self.engine.raw_connection()
+        try:
+            cursor = fairy.cursor()
+            try:
+                cursor.execute(prepared.sql, prepared.values(params))
+                rows = cursor.fetchall()
+            finally:
+                cursor.close()
+        finally:
+            fairy.close()  # back to the pool, which ends any transaction the driver opened
+        return [prepared.row(values) for values in rows]
+
+    def lookup(self, statement, params: dict):
+        """The first row ``fetch`` gives, or None."""
+        rows = self.fetch(statement, params)
+        return rows[0] if rows else None
 
     def ping(self) -> None:
         with self.engine.connect() as conn:
@@ -196,23 +255,23 @@ class Store:
                  claim: Optional[str] = None, conn: Optional[Connection] = None) -> StoredCase:
         """A new case at version 1. With ``claim``, a second add under the same claim (even one
         running at the same moment) gives back the first case instead of a duplicate."""
+        prepared, text = self._prepare(data), _dump(data)
         with self._tx(conn) as c:
             if claim is not None:
-                existing = c.execute(select(create_keys.c.case_id).where(
-                    create_keys.c.organization_id == organization_id, create_keys.c.key == claim)).scalar()
+                existing = c.execute(_CLAIMED, {"organization_id": organization_id, "key": claim}).scalar()
                 if existing is not None:
                     return self.get_case(organization_id, existing, conn=c)
-                c.execute(insert(create_keys).values(organization_id=organization_id, key=claim, case_id=data["id"]))
-            if c.execute(select(cases.c.id).where(cases.c.id == data["id"])).scalar() is not None:
+                c.execute(insert(create_keys), {"organization_id": organization_id, "key": claim, "case_id": data["id"]})
+            if c.execute(_CASE_ID, {"id": data["id"]}).scalar() is not None:
                 raise AlreadyExists(f"case {data['id']} already exists")
             stamp = now()
-            c.execute(insert(cases).values(
-                id=data["id"], organization_id=organization_id, version=1, status=data["status"],
-                program=data["program"], deleted=False, created_at=stamp, updated_at=stamp, data=_dump(data)))
-            c.execute(insert(case_versions).values(case_id=data["id"], version=1, recorded_at=stamp,
-                                                   action="create", actor=actor, data=_dump(data)))
+            c.execute(insert(cases), {"id": data["id"], "organization_id": organization_id, "version": 1,
+                                      "status": data["status"], "program": data["program"], "deleted": False,
+                                      "created_at": stamp, "updated_at": stamp, "data": text})
+            c.execute(insert(case_versions), {"case_id": data["id"], "version": 1, "recorded_at": stamp,
+                                              "action": "create", "actor": actor, "data": text})
             stored = StoredCase(data["id"], organization_id, 1, False, stamp, stamp, data)
-            self._after_save(c, stored)
+            self._after_save(c, stored, prepared)
             return stored
 
     def claimed_case(self, organization_id: str, claim: str, conn: Optional[Connection] = None) -> Optional[str]:
@@ -231,25 +290,24 @@ class Store:
                     actor: Optional[str] = None, deleted: bool = False,
                     conn: Optional[Connection] = None) -> StoredCase:
         """The case at ``expected_version + 1``; ``Conflict`` when someone else wrote it first."""
+        prepared, text = self._prepare(data), _dump(data)
         with self._tx(conn) as c:
             stamp = now()
-            result = c.execute(
-                update(cases)
-                .where(cases.c.id == case_id, cases.c.organization_id == organization_id,
-                       cases.c.version == expected_version)
-                .values(version=expected_version + 1, status=data["status"], program=data["program"],
-                        deleted=deleted, updated_at=stamp, data=_dump(data)))
+            result = c.execute(_UPDATE_CASE, {
+                "case_id": case_id, "org": organization_id, "expected": expected_version,
+                "version": expected_version + 1, "status": data["status"], "program": data["program"],
+                "deleted": deleted, "updated_at": stamp, "data": text})
             if result.rowcount != 1:
                 current = self._current(c, organization_id, case_id)
                 if current is None:
                     raise NotFound(f"no case {case_id}")
                 raise Conflict(f"case {case_id} is at version {current.version}, not {expected_version}")
-            c.execute(insert(case_versions).values(case_id=case_id, version=expected_version + 1, recorded_at=stamp,
-                                                   action="delete" if deleted else "update", actor=actor,
-                                                   data=_dump(data)))
-            created = c.execute(select(cases.c.created_at).where(cases.c.id == case_id)).scalar()
-            stored = StoredCase(case_id, organization_id, expected_version + 1, deleted, created, stamp, data)
-            self._after_save(c, stored)
+            c.execute(insert(case_versions), {"case_id": case_id, "version": expected_version + 1,
+                                              "recorded_at": stamp, "action": "delete" if deleted else "update",
+                                              "actor": actor, "data": text})
+            created = c.execute(_CREATED_AT, {"id": case_id}).scalar()
+            stored = StoredCase(case_id, organization_id, expected_version + 1, deleted, _aware(created), stamp, data)
+            self._after_save(c, stored, prepared)
             return stored
 
     def get_case(self, organization_id: str, case_id: str, conn: Optional[Connection] = None) -> StoredCase:
@@ -259,8 +317,15 @@ class Store:
             raise NotFound(f"no case {case_id}")
         return current
 
+    def case_stamp(self, organization_id: str, case_id: str) -> tuple[int, dt.datetime]:
+        """The current version of a case and when it was written, without reading the record."""
+        row = self.lookup(_CASE_STAMP, {"case_id": case_id, "organization_id": organization_id})
+        if row is None:
+            raise NotFound(f"no case {case_id}")
+        return row.version, _aware(row.updated_at)
+
     def get_version(self, organization_id: str, case_id: str, version: int) -> StoredCase:
-        with self.engine.connect() as c:
+        with self.reader.connect() as c:
             row = c.execute(
                 select(case_versions, cases.c.organization_id, cases.c.created_at)
                 .join(cases, cases.c.id == case_versions.c.case_id)
@@ -273,7 +338,7 @@ class Store:
 
     def history(self, organization_id: str, case_id: str) -> list[StoredCase]:
         self.get_case(organization_id, case_id)
-        with self.engine.connect() as c:
+        with self.reader.connect() as c:
             rows = c.execute(select(case_versions).where(case_versions.c.case_id == case_id)
                              .order_by(case_versions.c.version.desc())).all()
         created = rows[-1].recorded_at if rows else None
@@ -305,7 +370,7 @@ class Store:
             stamp, last_id = after
             query = query.where(or_(cases.c.updated_at > stamp, and_(cases.c.updated_at == stamp, cases.c.id > last_id)))
         query = query.order_by(cases.c.updated_at, cases.c.id).limit(limit)
-        with self.engine.connect() as c:
+        with self.reader.connect() as c:
             return [self._row(r) for r in c.execute(query)]
 
     def cases_by_identifier(self, organization_id: str, system: str, value: str,
@@ -324,19 +389,21 @@ class Store:
         return _Reuse(conn) if conn is not None else self.engine.begin()
 
     def _read(self, conn: Optional[Connection]):
-        return _Reuse(conn) if conn is not None else self.engine.connect()
+        return _Reuse(conn) if conn is not None else self.reader.connect()
 
-    def _after_save(self, conn: Connection, stored: StoredCase) -> None:
-        conn.execute(delete(client_identifiers).where(client_identifiers.c.case_id == stored.id))
-        seen = set()
-        for ident in stored.data.get("client", {}).get("identifiers", ()):
-            key = (ident["system"], ident["value"])
-            if key not in seen:
-                seen.add(key)
-                conn.execute(insert(client_identifiers).values(case_id=stored.id, system=key[0], value=key[1],
-                                                               organization_id=stored.organization_id))
-        for hook in self.save_hooks:
-            hook(conn, stored)
+    def _after_save(self, conn: Connection, stored: StoredCase, prepared: list) -> None:
+        if stored.version > 1:  # a new case has none yet
+            conn.execute(_DELETE_IDENTIFIERS, {"case_id": stored.id})
+        keys = dict.fromkeys((i["system"], i["value"]) for i in stored.data.get("client", {}).get("identifiers", ()))
+        if keys:
+            conn.execute(insert(client_identifiers), [
+                {"case_id": stored.id, "system": system, "value": value, "organization_id": stored.organization_id}
+                for system, value in keys])
+        for (hook, prepare), ready in zip(self._hooks, prepared):
+            if prepare is None:
+                hook(conn, stored)
+            else:
+                hook(conn, stored, ready)
 
     def _current(self, conn: Connection, organization_id: str, case_id: str) -> Optional[StoredCase]:
         row = conn.execute(_CURRENT_CASE, {"case_id": case_id, "organization_id": organization_id}).first()
@@ -346,6 +413,34 @@ class Store:
     def _row(row: Any) -> StoredCase:
         return StoredCase(row.id, row.organization_id, row.version, row.deleted, _aware(row.created_at),
                           _aware(row.updated_at), orjson.loads(row.data))
+
+
+class _RawStatement:
+    """A statement compiled once for one database, with what turns its driver rows into typed rows."""
+
+    def __init__(self, statement, dialect):
+        compiled = statement.compile(dialect=dialect)
+        self.sql = str(compiled)
+        self.positions = compiled.positiontup if compiled.positional else None
+        binds = compiled.binds
+        self.defaults = {name: bind.effective_value for name, bind in binds.items() if not bind.required}
+        self.converters = {name: convert for name, convert in (
+            (name, bind.type.dialect_impl(dialect).bind_processor(dialect)) for name, bind in binds.items())
+            if convert is not None}
+        columns = list(statement.selected_columns)
+        self.processors = [c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns]
+        self.tuple = namedtuple("Row", [c.key for c in columns], rename=True)  # type: ignore[misc]
+
+    def values(self, params: dict):
+        values = {**self.defaults, **params}
+        for name, convert in self.converters.items():
+            if values.get(name) is not None:
+                values[name] = convert(values[name])
+        return [values[name] for name in self.positions] if self.positions is not None else values
+
+    def row(self, values) -> tuple:
+        return self.tuple(*[convert(v) if convert is not None and v is not None else v
+                            for convert, v in zip(self.processors, values)])
 
 
 class _Reuse:

@@ -23,7 +23,7 @@ def store(tmp_path, monkeypatch):
     monkeypatch.setenv("CASEBRIDGE_HOME", str(tmp_path))
     store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
     migrations.upgrade(store)
-    store.save_hooks.append(sync.on_case_saved)
+    store.add_save_hook(sync.on_case_saved)
     return store
 
 
