@@ -169,15 +169,82 @@ function statusOf(result) {
 //    order that later reads and writes see. Here it reverses a copy.
 //  * nothing validates resources. Here createResource() (which update and patch go through)
 //    runs @medplum/core's validateResource() unless --no-validate.
+// and one speed-up: search() evaluates every filter on every stored resource, so a search by
+// `identifier=system|value` (what If-None-Exist and a client's lookups send) slows down as the store
+// grows: 160 writes/s at 500 resources, 30/s at 3,000. Such a search is answered from an index of
+// identifiers here, with the same Bundle as the scan would give.
 class Repository extends MemoryRepository {
   validate = true;
   #depth = 0;
+  #identifiers = new Map(); // `${type}|${system}|${value}` -> Set of ids
 
   async createResource(resource, options) {
     if (this.validate) {
       validateResource(resource);
     }
-    return super.createResource(resource, options);
+    const previous = resource.id ? this.resources.get(resource.resourceType)?.get(resource.id) : undefined;
+    const stored = await super.createResource(resource, options);
+    this.#index(previous, false);
+    this.#index(stored, true);
+    return stored;
+  }
+
+  clear() {
+    super.clear();
+    this.#identifiers.clear();
+  }
+
+  async deleteResource(resourceType, id) {
+    const previous = this.resources.get(resourceType)?.get(id);
+    await super.deleteResource(resourceType, id);
+    this.#index(previous, false);
+  }
+
+  async search(request) {
+    const filters = request.filters ?? [];
+    const only = filters.length === 1 ? filters[0] : undefined;
+    const text = only?.code === 'identifier' && only.operator === 'eq' && typeof only.value === 'string' ? only.value : '';
+    const bar = text.indexOf('|');
+    if (bar <= 0 || text.includes(',') || request.sortRules?.length) {
+      return super.search(request);
+    }
+    const system = text.slice(0, bar);
+    const value = text.slice(bar + 1);
+    const byId = this.resources.get(request.resourceType) ?? new Map();
+    const ids = this.#identifiers.get(`${request.resourceType}|${system}|${value}`) ?? new Set();
+    const found = [...ids].map((id) => byId.get(id)).filter(
+      (r) => r && (r.identifier ?? []).some((i) => i.system === system && i.value === value));
+    let entries = found.map((r) => ({ resource: deepClone(r) }));
+    if (request.offset !== undefined) {
+      entries = entries.slice(request.offset);
+    }
+    if (request.count !== undefined) {
+      entries = entries.slice(0, request.count);
+    }
+    return { resourceType: 'Bundle', type: 'searchset', entry: entries.length ? entries : undefined, total: found.length };
+  }
+
+  #index(resource, add) {
+    for (const identifier of resource?.identifier ?? []) {
+      if (!identifier?.system || identifier.value === undefined) {
+        continue;
+      }
+      const key = `${resource.resourceType}|${identifier.system}|${identifier.value}`;
+      if (add) {
+        (this.#identifiers.get(key) ?? this.#identifiers.set(key, new Set()).get(key)).add(resource.id);
+      } else {
+        this.#identifiers.get(key)?.delete(resource.id);
+      }
+    }
+  }
+
+  #reindex() {
+    this.#identifiers.clear();
+    for (const byId of this.resources.values()) {
+      for (const resource of byId.values()) {
+        this.#index(resource, true);
+      }
+    }
   }
 
   async readHistory(resourceType, id) {
@@ -220,6 +287,7 @@ class Repository extends MemoryRepository {
         this[name].set(type, byId);
       }
     }
+    this.#reindex();
   }
 }
 
