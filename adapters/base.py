@@ -267,6 +267,7 @@ class Route:
     ``writable``: the types to write. ``conditional_create``: the writable types where ``If-None-Exist``
     works (elsewhere: search by identifier first, and treat an ``AmbiguousWrite`` as "look before retrying").
     ``client_ids``: the writable types that accept PUT with our own id (update-as-create).
+    ``max_bundle_entries``: the most entries the partner takes in one transaction or batch (``None``: no cap).
     """
 
     mode: RouteMode
@@ -275,6 +276,7 @@ class Route:
     conditional_create: frozenset[str]
     conditional_update: frozenset[str]
     client_ids: frozenset[str]
+    max_bundle_entries: int | None = None
 
     def can_write(self, resource_type: str) -> bool:
         return resource_type in self.writable
@@ -285,7 +287,8 @@ def route(capabilities: Capabilities) -> Route:
 
     Full plan when every one of ``PLAN_TYPES`` can be created there (then every type it lets us create is
     writable); referral only when ``ServiceRequest`` and ``Task`` can; otherwise pull only. Writes go as a
-    transaction when the partner has one, else as a batch, else one request at a time.
+    transaction when the partner has one, else as a batch, else one request at a time; a bundle holds at
+    most the ``max_bundle_entries`` quirk's number of entries, when one is configured.
     """
     creatable = {t for t in capabilities.resources if capabilities.can_create(t)}
     if all(t in creatable for t in PLAN_TYPES):
@@ -309,7 +312,16 @@ def route(capabilities: Capabilities) -> Route:
         client_ids=frozenset(
             t for t in writable if capabilities.supports(t, "update") and capabilities.resource(t).update_create
         ),
+        max_bundle_entries=_positive(capabilities.quirks.get("max_bundle_entries"), "max_bundle_entries"),
     )
+
+
+def _positive(value: Any, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a whole number of at least 1, not {value!r}")
+    return value
 
 
 # --- the port --------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ partner's live ``/metadata`` is parsed first and the quirks win over it. Keys:
 ``retry_creates_duplicates``    a POST retried after a lost answer creates a second resource
 ``update_requires_if_match``    the partner refuses an update without ``If-Match``
 ``rebase_next_links``           next links name an internal host; rewrite them onto the base URL's host
+``max_bundle_entries``          most entries one transaction or batch may hold; more go in several bundles
 
 ``*_STATEMENT`` are small CapabilityStatements in the shape of each partner's published one, as far as
 the sync engine cares (read/search on the plan, no plan writes), for ``MemoryEndpoint`` and tests.
@@ -163,10 +164,20 @@ FULL_STATEMENT = capability_statement(
     software="full FHIR server",
 )
 
+MEDPLUM: dict[str, Any] = {
+    **FULL,
+    "name": "medplum",
+    # Medplum's FHIR router runs a transaction holding a conditional create (If-None-Exist) in strict
+    # isolation, and refuses such a transaction of more than 8 entries (400, "Transaction requires strict
+    # isolation but has too many entries"): a case's changes go in transactions of at most 8.
+    "max_bundle_entries": 8,
+}
+
 #: Quirks by preset name: what a partner record's ``profile`` field selects.
-PROFILES: dict[str, dict[str, Any]] = {"epic": EPIC, "oracle": ORACLE, "full": FULL}
+PROFILES: dict[str, dict[str, Any]] = {"epic": EPIC, "oracle": ORACLE, "full": FULL, "medplum": MEDPLUM}
 #: The statement each preset's partner publishes, in summary.
-STATEMENTS: dict[str, dict[str, Any]] = {"epic": EPIC_STATEMENT, "oracle": ORACLE_STATEMENT, "full": FULL_STATEMENT}
+STATEMENTS: dict[str, dict[str, Any]] = {"epic": EPIC_STATEMENT, "oracle": ORACLE_STATEMENT, "full": FULL_STATEMENT,
+                                         "medplum": FULL_STATEMENT}
 
 
 def capabilities(name: str, **overrides: Any) -> Capabilities:

@@ -248,7 +248,8 @@ def route_json(chosen, capabilities: Capabilities) -> dict:
                       if t in ours and {"read", "search-type"} & rc.interactions)
     return {"mode": chosen.mode.value, "write_method": chosen.write_method.value,
             "writable": sorted(ours & chosen.writable), "readable": readable,
-            "conditional_create": sorted(ours & chosen.conditional_create)}
+            "conditional_create": sorted(ours & chosen.conditional_create),
+            "max_bundle_entries": chosen.max_bundle_entries}
 
 
 #: the resource types a case record becomes (the rest of a partner's statement does not concern us)

@@ -10,6 +10,11 @@ pull with a watermark, and never lose or duplicate an update.
   partner's copy is compared with what we last sent: their changes to elements we did not change
   are kept and the update retried; an element both sides changed is recorded as a conflict for the
   case manager and nothing is overwritten.
+- How a push writes follows the partner's route: one transaction for what changed where the partner
+  has transactions (new resources referred to by placeholders inside it), batches in rounds where it
+  has batch only (a batch entry cannot refer to another), else one request per resource. What a
+  bundle does not settle (a stale ``If-Match``, a bundle refused whole) is written one request at a
+  time, with the merge above (``service.sync_bundles`` builds and reads the bundles).
 - ``pull_partner`` searches with a ``_lastUpdated`` watermark and applies what changed: Task status
   of our referrals (closed loop), new referrals (intake cases), and plans and goals we shared.
 """
@@ -17,7 +22,9 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Callable, Iterable, Optional
 
 import orjson
@@ -27,11 +34,13 @@ from sqlalchemy.engine import Connection
 from adapters.errors import AmbiguousWrite, PermanentError, TransientError, VersionConflict
 from mappings import ids
 from mappings.export import case_resources
-from service import schemas
+from service import schemas, sync_bundles as bundles
 from service.domain import Case, shareable
 from service.errors import NotFound
 from service.store import Store, StoredCase, now
 from service.sync_store import conflicts, dead_letters, ledger, outbox, partners, sync_state
+
+log = logging.getLogger("casebridge.sync")
 
 #: the identifier every resource we send carries, so we can find it at the partner again
 SYNC_SYSTEM = f"{ids.BASE}/sid/resource"
@@ -63,10 +72,13 @@ def shared_with(partner: Any, organization_id: str, data: dict) -> bool:
     return True
 
 
+_ACTIVE_PARTNERS = select(partners).where(partners.c.active.is_(True))  # built once: every case save runs it
+
+
 def on_case_saved(conn: Connection, stored: StoredCase) -> None:
     """Store save hook: an outbox row (and a pending sync state) per partner the case goes to."""
     stamp = now()
-    for partner in conn.execute(select(partners).where(partners.c.active.is_(True))):
+    for partner in conn.execute(_ACTIVE_PARTNERS):
         if not shared_with(partner, stored.organization_id, stored.data):
             continue
         conn.execute(insert(outbox).values(case_id=stored.id, partner_id=partner.id, case_version=stored.version,
@@ -166,24 +178,13 @@ def _push_case(store: Store, case_id: str, partner_id: str, version: int, endpoi
     known = _ledger_rows(store, partner_id, [r["id"] for r in resources])
     by_local: dict[tuple[str, str], Any] = {(r.resource_type, r.local_id): r for r in known}
     try:
-        for resource in resources:
-            rtype = resource["resourceType"]
-            if rtype == "Patient" and rtype not in writable:
-                _resolve_patient(store, partner, case, resource, endpoint, by_local)
-                continue
-            if rtype == "Patient" and partner.kind == "payer":
-                try:  # the payer has the member ($member-match found them): refer to theirs, write no copy
-                    _resolve_patient(store, partner, case, resource, endpoint, by_local)
-                    continue
-                except PermanentError:
-                    pass  # not findable by identifier there: send ours
-            if rtype not in writable:
-                continue
-            row = _push_resource(store, partner, case_id, resource, endpoint, by_local)
-            if row is None:
-                result.unchanged += 1
-            else:
-                result.written += 1
+        to_write = _to_write(store, partner, case, resources, writable, endpoint, by_local)
+        method = partner.route.get("write_method") or "single"
+        if method in ("transaction", "batch"):
+            _push_bundled(store, partner, case_id, to_write, endpoint, by_local, method, result)
+        else:
+            for resource in to_write:
+                _push_one(store, partner, case_id, resource, endpoint, by_local, result)
     except ConflictRecorded as conflict:
         _update_state(store, case_id, partner_id, status="conflict", last_error=str(conflict))
         return result
@@ -193,17 +194,49 @@ def _push_case(store: Store, case_id: str, partner_id: str, version: int, endpoi
     return result
 
 
+def _to_write(store: Store, partner: Any, case: Case, resources: list[dict], writable: set[str], endpoint: Any,
+              by_local: dict) -> list[dict]:
+    """The case's resources the partner takes, in write order; a client the partner does not take
+    from us (or a payer's member) is found there instead, and referred to."""
+    out = []
+    for resource in resources:
+        rtype = resource["resourceType"]
+        if rtype == "Patient" and rtype not in writable:
+            _resolve_patient(store, partner, case, resource, endpoint, by_local)
+            continue
+        if rtype == "Patient" and partner.kind == "payer":
+            try:  # the payer has the member ($member-match found them): refer to theirs, write no copy
+                _resolve_patient(store, partner, case, resource, endpoint, by_local)
+                continue
+            except PermanentError:
+                pass  # not findable by identifier there: send ours
+        if rtype in writable:
+            out.append(resource)
+    return out
+
+
+def _push_one(store: Store, partner: Any, case_id: str, resource: dict, endpoint: Any, by_local: dict,
+              result: PushResult) -> None:
+    """One resource in a request of its own."""
+    if _push_resource(store, partner, case_id, resource, endpoint, by_local) is None:
+        result.unchanged += 1
+    else:
+        result.written += 1
+
+
 def _ordered(resources: Iterable[dict]) -> list[dict]:
     rank = {t: i for i, t in enumerate(WRITE_ORDER)}
     return sorted(resources, key=lambda r: rank.get(r["resourceType"], len(rank)))
 
 
-def outgoing(resource: dict, by_local: dict) -> Optional[dict]:
+def outgoing(resource: dict, by_local: dict, pending: Optional[dict] = None) -> Optional[dict]:
     """The resource as the partner gets it: references to our resources turned into the partner's
     ids, references to what the partner does not hold reduced to their display, our sync identifier
-    added. ``None`` when something it cannot do without (its subject) is not at the partner yet."""
+    added. ``pending``: ``(type, id)`` of resources written in the same transaction, each with the
+    placeholder it is referred to by there. ``_MissingTarget`` when something it cannot do without
+    (its subject) is not at the partner yet."""
     local_id = resource["id"]
-    body = _rewrite(resource, by_local)
+    body = _rewrite(resource, by_local, pending or {})
     if body is None:
         return None
     body = {k: v for k, v in body.items() if k != "id"}
@@ -215,7 +248,7 @@ def outgoing(resource: dict, by_local: dict) -> Optional[dict]:
 _REQUIRED_REFERENCES = {"subject", "for", "focus", "beneficiary"}
 
 
-def _rewrite(value: Any, by_local: dict, key: str = "") -> Any:
+def _rewrite(value: Any, by_local: dict, pending: dict, key: str = "") -> Any:
     if isinstance(value, dict):
         ref = value.get("reference")
         if isinstance(ref, str) and "/" in ref and not ref.startswith("#"):
@@ -223,20 +256,22 @@ def _rewrite(value: Any, by_local: dict, key: str = "") -> Any:
             row = by_local.get((rtype, rid))
             if row is not None:
                 return {**value, "reference": f"{rtype}/{row.remote_id}"}
+            if (rtype, rid) in pending:
+                return {**value, "reference": pending[(rtype, rid)]}
             if key in _REQUIRED_REFERENCES:
                 raise _MissingTarget(ref)
             rest = {k: v for k, v in value.items() if k != "reference"}
             return rest or _DROP
         out = {}
         for k, v in value.items():
-            new = _rewrite(v, by_local, k)
+            new = _rewrite(v, by_local, pending, k)
             if new is not _DROP:
                 out[k] = new
         if "url" in value and _has_value(value) and not (_has_value(out) or "extension" in out):
             return _DROP  # an extension whose value was a reference the partner cannot resolve
         return out if out or not value else _DROP
     if isinstance(value, list):
-        items = [_rewrite(v, by_local, key) for v in value]
+        items = [_rewrite(v, by_local, pending, key) for v in value]
         items = [i for i in items if i is not _DROP]
         return items if items or not value else _DROP
     return value
@@ -260,10 +295,7 @@ def body_hash(body: dict) -> str:
 def _push_resource(store: Store, partner: Any, case_id: str, resource: dict, endpoint: Any,
                    by_local: dict) -> Optional[Any]:
     rtype, local_id = resource["resourceType"], resource["id"]
-    try:
-        body = outgoing(resource, by_local)
-    except _MissingTarget as missing:
-        raise PermanentError(422, None, f"{rtype} refers to {missing} which is not at the partner") from None
+    body = _body(resource, by_local)
     digest = body_hash(body)
     row = by_local.get((rtype, local_id))
     if row is not None and row.sent_hash == digest:
@@ -277,8 +309,9 @@ def _push_resource(store: Store, partner: Any, case_id: str, resource: dict, end
         condition = f"identifier={SYNC_SYSTEM}|{local_id}" if conditional else None
         written = endpoint.create(body, if_none_exist=condition)
         if conditional and _differs(written.resource, body):  # it was there already (an earlier lost answer)
+            # an earlier write of ours: a pull that reads it meanwhile must not take it for the partner's
             row = _save_ledger(store, partner.id, case_id, rtype, local_id, written.id, written.version_id, None,
-                               None)
+                               None, ours=True)
             written = _update_remote(store, partner, case_id, rtype, local_id, row, body, endpoint)
     else:
         written = _update_remote(store, partner, case_id, rtype, local_id, row, body, endpoint)
@@ -306,19 +339,191 @@ def _update_remote(store: Store, partner: Any, case_id: str, rtype: str, local_i
         return endpoint.update({**merged, "id": row.remote_id}, if_match=theirs.etag)
 
 
+def _body(resource: dict, by_local: dict, pending: Optional[dict] = None) -> dict:
+    try:
+        return outgoing(resource, by_local, pending)
+    except _MissingTarget as missing:
+        raise PermanentError(422, None, f"{resource['resourceType']} refers to {missing} which is not at the "
+                                        "partner") from None
+
+
+def _key(resource: dict) -> tuple[str, str]:
+    return resource["resourceType"], resource["id"]
+
+
+# -- push in bundles -------------------------------------------------------------------------------
+def _push_bundled(store: Store, partner: Any, case_id: str, resources: list[dict], endpoint: Any, by_local: dict,
+                  kind: str, result: PushResult) -> None:
+    """Write what changed in one transaction, or in batch rounds (each round what can be written with
+    the references known so far: a batch entry cannot refer to another); a partner that caps its
+    bundles (``max_bundle_entries`` in its route) gets several, each after what it refers to.
+
+    The guarantees are those of one request at a time: creates are conditional or looked for first,
+    updates carry If-Match and are noted before they go. What a bundle does not settle (a version
+    conflict, a create that found our resource there already, a bundle the partner refuses) is
+    written one request at a time, with its merge and conflicts."""
+    conditional = set((partner.route or {}).get("conditional_create") or ())
+    for resource in resources:
+        key = _key(resource)
+        row = by_local.get(key)
+        if row is None and key[0] not in conditional:  # no If-None-Exist there: look before creating
+            row = _adopt(store, partner.id, case_id, key[0], key[1], endpoint)
+            if row is not None:
+                by_local[key] = row
+        elif row is not None and _unanswered(row):
+            by_local[key] = _recognise(store, partner.id, case_id, key, row, endpoint)
+    waiting = _changed(resources, by_local, result)
+    limit = (partner.route or {}).get("max_bundle_entries")
+    while waiting:
+        sending = bundles.next_bundle(kind, waiting, {_key(r) for r in waiting if _key(r) not in by_local}, limit)
+        if not sending:
+            break  # they refer to each other: one at a time, below
+        chosen = {_key(r) for r in sending}
+        waiting = [r for r in waiting if _key(r) not in chosen]
+        for resource in _send_bundle(store, partner, case_id, sending, endpoint, by_local, kind, conditional, result):
+            _push_one(store, partner, case_id, resource, endpoint, by_local, result)
+    for resource in waiting:
+        _push_one(store, partner, case_id, resource, endpoint, by_local, result)
+
+
+def _unanswered(row: Any) -> bool:
+    """Whether the last update sent was never answered (its answer lost, or the push failed): the
+    last body noted is not what the ledger says the partner holds."""
+    last = (row.attempts or [None])[-1]
+    return last is not None and (row.sent is None or row.sent.keys() != last.keys() or _differs(row.sent, last))
+
+
+def _recognise(store: Store, partner_id: str, case_id: str, key: tuple[str, str], row: Any, endpoint: Any) -> Any:
+    """Read the partner's copy of a resource whose last update went unanswered: when it is a write
+    of ours (the lost one, say), the ledger takes its version, so the bundle's If-Match is current and
+    nothing already there is sent again. Otherwise the row stays, and a stale If-Match is merged."""
+    try:
+        theirs = endpoint.read(key[0], row.remote_id)
+    except PermanentError:
+        return row  # gone, or not readable: the write finds out
+    ours = _our_write(row, theirs.resource)
+    if ours is None or not theirs.version_id:
+        return row
+    _save_ledger(store, partner_id, case_id, key[0], key[1], row.remote_id, theirs.version_id, body_hash(ours), ours,
+                 ours=True)
+    _note_attempt(store, partner_id, key[0], key[1], ours)  # settled: the last body noted is what it holds
+    return _ledger_row(store, partner_id, key)
+
+
+def _changed(resources: list[dict], by_local: dict, result: PushResult) -> list[dict]:
+    """The resources whose body is not what the partner last got from us (every new one among them);
+    the others are counted unchanged."""
+    pending = {_key(r): bundles.placeholder(*_key(r)) for r in resources if _key(r) not in by_local}
+    changed = []
+    for resource in resources:
+        row = by_local.get(_key(resource))
+        if row is not None and row.sent_hash == body_hash(_body(resource, by_local, pending)):
+            result.unchanged += 1
+        else:
+            changed.append(resource)
+    return changed
+
+
+def _send_bundle(store: Store, partner: Any, case_id: str, resources: list[dict], endpoint: Any, by_local: dict,
+                 kind: str, conditional: set[str], result: PushResult) -> list[dict]:
+    """One transaction or batch of ``resources``; the ledger keeps what it wrote. Returns what is left
+    to write one request at a time. A refused entry fails the push as its own request would have
+    (``TransientError`` for 429 and 5xx, else ``PermanentError``), after what the others wrote is kept."""
+    pending = {_key(r): bundles.placeholder(*_key(r)) for r in resources if _key(r) not in by_local}
+    writes = []
+    noted: dict = {}  # what each update's ledger row remembered before this bundle
+    for resource in resources:
+        rtype, local_id = _key(resource)
+        body = _body(resource, by_local, pending)
+        row = by_local.get((rtype, local_id))
+        if row is None:
+            condition = f"identifier={SYNC_SYSTEM}|{local_id}" if rtype in conditional else None
+            writes.append(bundles.Write(rtype, local_id, body, if_none_exist=condition))
+        else:
+            noted[(rtype, local_id)] = _note_attempt(store, partner.id, rtype, local_id, body)
+            writes.append(bundles.Write(rtype, local_id, body, row.remote_id, if_match=_etag(row.remote_version)))
+    try:
+        send = endpoint.transaction if kind == "transaction" else endpoint.batch
+        response = send(bundles.bundle(kind, writes))
+    except AmbiguousWrite:
+        raise  # it may have gone through: the bodies stay noted
+    except TransientError:
+        _withdraw_attempts(store, partner.id, noted)  # turned away: nothing was written
+        raise
+    except PermanentError as refused:  # a stale If-Match, or the bundle itself refused: nothing was written
+        _withdraw_attempts(store, partner.id, noted)
+        level = logging.INFO if isinstance(refused, VersionConflict) else logging.WARNING
+        log.log(level, "partner %s refused a %s (%s, HTTP %s): writing one request at a time", partner.id, kind,
+                type(refused).__name__, refused.status)
+        return resources
+    answers = bundles.answers(kind, response, writes)
+    _withdraw_attempts(store, partner.id, {w.key: noted[w.key] for w, a in zip(writes, answers)
+                                           if not a.ok and w.key in noted})  # refused entries wrote nothing
+    placed = dict(by_local)  # with the ids the partner gave what it created: the bodies it now holds
+    for write, answer in zip(writes, answers):
+        if answer.ok and write.creates:
+            if answer.remote_id:
+                placed[write.key] = SimpleNamespace(remote_id=answer.remote_id)
+            else:  # created, but the answer does not say under which id: find it by our identifier
+                row = _adopt(store, partner.id, case_id, write.rtype, write.local_id, endpoint)
+                if row is not None:
+                    by_local[write.key] = placed[write.key] = row
+    again: list[dict] = []
+    failures: list[Exception] = []
+    for resource, write, answer in zip(resources, writes, answers):
+        if not answer.ok:
+            if answer.conflict:
+                again.append(resource)  # re-read, merge or record the conflict, as one request does
+            else:
+                failures.append(bundles.refused(kind, write, answer))
+            continue
+        if not answer.remote_id:
+            again.append(resource)
+            continue
+        body = _body(resource, placed)
+        if write.if_none_exist and answer.status == 200 and (answer.resource is None
+                                                             or _differs(answer.resource, body)):
+            # found there already (an earlier answer was lost), but not as we send it now: an update;
+            # the copy there is a write of ours, not the partner's change, should a pull read it meanwhile
+            by_local[write.key] = _save_ledger(store, partner.id, case_id, write.rtype, write.local_id,
+                                               answer.remote_id, answer.version, None, None, ours=True)
+            again.append(resource)
+            continue
+        by_local[write.key] = _save_ledger(store, partner.id, case_id, write.rtype, write.local_id, answer.remote_id,
+                                           answer.version, body_hash(body), body, ours=True)
+        result.written += 1
+    if failures:
+        raise next((f for f in failures if isinstance(f, TransientError)), failures[0])
+    return again
+
+
 #: how many attempted bodies the ledger keeps per resource (a lost answer leaves its write unknown)
 ATTEMPTS_KEPT = 5
 
 
-def _note_attempt(store: Store, partner_id: str, rtype: str, local_id: str, body: dict) -> None:
+def _note_attempt(store: Store, partner_id: str, rtype: str, local_id: str, body: dict) -> Optional[list]:
     """Remember a body before sending it: if the answer is lost, the partner may hold it without our
-    knowing its version, and it must not later look like the partner's own change."""
+    knowing its version, and it must not later look like the partner's own change. Returns the bodies
+    remembered before (``None`` without a ledger row)."""
     key = and_(ledger.c.partner_id == partner_id, ledger.c.resource_type == rtype, ledger.c.local_id == local_id)
     with store.engine.begin() as conn:
         row = conn.execute(select(ledger.c.attempts).where(key)).first()
-        if row is not None:
-            attempts = [a for a in (row.attempts or []) if a != body][-(ATTEMPTS_KEPT - 1):] + [body]
-            conn.execute(update(ledger).where(key).values(attempts=attempts))
+        if row is None:
+            return None
+        attempts = [a for a in (row.attempts or []) if a != body][-(ATTEMPTS_KEPT - 1):] + [body]
+        conn.execute(update(ledger).where(key).values(attempts=attempts))
+        return list(row.attempts or [])
+
+
+def _withdraw_attempts(store: Store, partner_id: str, before: dict) -> None:
+    """A bundle that certainly did not go through (turned away, refused whole): the bodies noted for
+    it are forgotten again, so a later push does not take them for unanswered writes."""
+    if not before:
+        return
+    with store.engine.begin() as conn:
+        for (rtype, local_id), attempts in before.items():
+            conn.execute(update(ledger).where(ledger.c.partner_id == partner_id, ledger.c.resource_type == rtype,
+                                              ledger.c.local_id == local_id).values(attempts=attempts))
 
 
 def _our_write(row: Any, resource: dict) -> Optional[dict]:
@@ -327,7 +532,8 @@ def _our_write(row: Any, resource: dict) -> Optional[dict]:
     candidates = ([row.sent] if row.sent is not None else []) + list(reversed(row.attempts or ()))
     for body in candidates:
         if not _differs(resource, body):
-            return body
+            # as the partner holds it: a placeholder sent in a transaction is the id it was given
+            return {k: resource[k] if k in resource and k not in SERVER_ELEMENTS else v for k, v in body.items()}
     version = (resource.get("meta") or {}).get("versionId")
     if version and version in (row.written_versions or ()):
         return row.sent or resource
@@ -336,7 +542,24 @@ def _our_write(row: Any, resource: dict) -> Optional[dict]:
 
 def _differs(stored: dict, body: dict) -> bool:
     """Whether the partner's copy says something other than ``body`` (ignoring what it adds itself)."""
-    return any(stored.get(k) != v for k, v in body.items() if k not in SERVER_ELEMENTS) if stored else False
+    return any(not _same(stored.get(k), v) for k, v in body.items() if k not in SERVER_ELEMENTS) if stored else False
+
+
+def _same(theirs: Any, ours: Any) -> bool:
+    """Equal, but for a reference we sent as a transaction's placeholder (``urn:uuid``): any
+    reference the partner put in its place matches it."""
+    if theirs == ours:
+        return True
+    if isinstance(ours, dict):
+        if not isinstance(theirs, dict) or theirs.keys() != ours.keys():
+            return False
+        if bundles.is_placeholder(ours.get("reference")) and not isinstance(theirs.get("reference"), str):
+            return False
+        return all(_same(theirs[k], v) for k, v in ours.items()
+                   if not (k == "reference" and bundles.is_placeholder(v)))
+    if isinstance(ours, list):
+        return isinstance(theirs, list) and len(theirs) == len(ours) and all(map(_same, theirs, ours))
+    return False
 
 
 def three_way(base: dict, ours: dict, theirs: dict) -> tuple[dict, list[str]]:
@@ -421,6 +644,12 @@ def _member_matched(store: Store, partner: Any, case: Case, endpoint: Any) -> bo
 
 
 # -- ledger, state, conflicts, dead letters ------------------------------------------------------
+def _ledger_row(store: Store, partner_id: str, key: tuple[str, str]) -> Any:
+    with store.engine.connect() as conn:
+        return conn.execute(select(ledger).where(ledger.c.partner_id == partner_id, ledger.c.resource_type == key[0],
+                                                 ledger.c.local_id == key[1])).first()
+
+
 def _ledger_rows(store: Store, partner_id: str, local_ids: list[str]) -> list[Any]:
     with store.engine.connect() as conn:
         return conn.execute(select(ledger).where(ledger.c.partner_id == partner_id,

@@ -133,7 +133,7 @@ def test_a_discharge_plan_is_shared_with_the_next_provider(instances, full):
     hospital = instances("hospital", "st-brigid")
     hospital.call("POST", "/partners", 201, json={
         "id": "home-health", "name": "Lakeside Home Health", "kind": "ehr", "base_url": full.base_url,
-        "organizations": ["st-brigid"], "programs": ["discharge"], "profile": "full"})
+        "organizations": ["st-brigid"], "programs": ["discharge"], "profile": full.partner_profile})
     route = hospital.call("POST", "/partners/home-health/check", 200).get_json()["route"]
     assert route["mode"] == "full plan"
     hospital.start_worker()
@@ -170,7 +170,7 @@ def test_an_insurer_shares_only_its_high_risk_members_plan_which_the_hospital_pu
     insurer = instances("insurer", "lakeshore-chp")
     insurer.call("POST", "/partners", 201, json={
         "id": "plan-fhir", "name": "Lakeshore payer FHIR API", "kind": "payer", "base_url": full.base_url,
-        "organizations": ["lakeshore-chp"], "high_risk_only": True, "profile": "full"})
+        "organizations": ["lakeshore-chp"], "high_risk_only": True, "profile": full.partner_profile})
     insurer.call("POST", "/partners/plan-fhir/check", 200)
     # the member as the payer's FHIR API holds them
     full.load({"resourceType": "Patient", "id": "member-4471829", "name": [{"family": "Okafor", "given": ["Tamara"]}],
@@ -200,7 +200,7 @@ def test_an_insurer_shares_only_its_high_risk_members_plan_which_the_hospital_pu
     hospital = instances("hospital", "mercy-east", eager=True)
     hospital.call("POST", "/partners", 201, json={
         "id": "payer", "name": "Lakeshore Community Health Plan", "kind": "ehr", "base_url": full.base_url,
-        "organizations": ["mercy-east"], "direction": "pull", "profile": "full"})
+        "organizations": ["mercy-east"], "direction": "pull", "profile": full.partner_profile})
     hospital.call("POST", "/partners/payer/check", 200)
     hospital.call("POST", "/partners/payer/pull", 202)
     status = hospital.call("GET", "/partners/payer/status", 200).get_json()
@@ -218,7 +218,7 @@ def test_an_ehr_referral_is_accepted_and_completed_and_the_task_follows(instance
     agency = instances("agency", "riverbend")
     agency.call("POST", "/partners", 201, json={
         "id": "mercy-ehr", "name": "Mercy EHR", "kind": "ehr", "base_url": full.base_url,
-        "organizations": ["riverbend"], "receiving_organization": "riverbend", "profile": "full"})
+        "organizations": ["riverbend"], "receiving_organization": "riverbend", "profile": full.partner_profile})
     agency.call("POST", "/partners/mercy-ehr/check", 200)
     agency.start_worker()
 

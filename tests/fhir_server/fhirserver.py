@@ -33,6 +33,9 @@ INSTALL_STAMP = NODE_MODULES / ".casebridge-lock-sha256"
 MIN_NODE = (20, 19)  # @medplum/* 4.5.2 declare engines ^20.19.0 || >=22.12.0
 NPM_CI = ["npm", "ci", "--no-audit", "--no-fund", "--prefer-offline"]
 PROFILES = ("full", "epic", "oracle")
+#: the partner profile (adapters.profiles) a casebridge partner record for each server profile names:
+#: the full server is Medplum's router, which caps a transaction holding conditional creates at 8 entries
+PARTNER_PROFILES = {"full": "medplum", "epic": "epic", "oracle": "oracle"}
 
 # Python keyword → the server's /_control setting
 _SETTINGS = {
@@ -148,6 +151,11 @@ class FhirServer:
         self._process: subprocess.Popen[str] | None = None
         self._stderr = None
         self._http = requests.Session()
+
+    @property
+    def partner_profile(self) -> str:
+        """The ``profile`` of a casebridge partner record for this server."""
+        return PARTNER_PROFILES[self.profile]
 
     # -- addresses
     @property

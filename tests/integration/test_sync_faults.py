@@ -82,7 +82,7 @@ def test_faults_and_a_killed_worker_lose_and_double_nothing(tmp_path, monkeypatc
     app = create_app()
     store = app.extensions["casebridge"].store
     registry.save_partner(store, {"id": "p1", "name": "Mercy", "kind": "ehr", "base_url": full.base_url,
-                                  "organizations": [ORG], "profile": "full"})
+                                  "organizations": [ORG], "profile": full.partner_profile})
     registry.check_capabilities(store, "p1")
     full.control(fault_503=0.3, fault_drop=0.1, seed=7)
 

@@ -70,7 +70,7 @@ def api(app):
 def add_partner(store, server, partner_id="p1", kind="ehr", profile=None, **fields):
     registry.save_partner(store, {"id": partner_id, "name": f"Partner {partner_id}", "kind": kind,
                                   "base_url": server.base_url, "organizations": [ORG],
-                                  "profile": profile or server.profile, **fields})
+                                  "profile": profile or server.partner_profile, **fields})
     return registry.check_capabilities(store, partner_id)
 
 
@@ -148,31 +148,84 @@ def seed_client(server):
 
 
 # -- full server: the whole plan, then only what changed ------------------------------------------
+def references_resolve(server, resources):
+    """Each of our resources at the partner refers to the partner's copies of what ours refer to."""
+    copies = {(r["resourceType"], r["id"]): at_partner(server, r["resourceType"], r["id"]) for r in resources}
+    for resource in resources:
+        (theirs,) = copies[(resource["resourceType"], resource["id"])]
+        for field in ("subject", "focus", "for"):
+            target = (resource.get(field) or {}).get("reference", "")
+            if tuple(target.split("/", 1)) in copies:
+                (copy_,) = copies[tuple(target.split("/", 1))]
+                assert theirs[field]["reference"] == f"{copy_['resourceType']}/{copy_['id']}", (resource, field)
+        for goal in resource.get("goal", ()):
+            (copy_,) = copies[tuple(goal["reference"].split("/", 1))]
+            assert {"reference": f"Goal/{copy_['id']}"} in theirs["goal"]
+
+
 def test_full_server_gets_the_whole_plan_once_and_an_update_writes_only_what_changed(store, full):
     route = add_partner(store, full)
-    assert route["mode"] == "full plan"
+    assert route["mode"] == "full plan" and route["write_method"] == "transaction"
+    assert route["max_bundle_entries"] == 8  # Medplum: a transaction with conditional creates holds 8 at most
     stored = save(store, case_json())
     resources = case_resources(schemas.load_case(stored.data))
     push(store, stored.id)
     assert state(store, stored.id).status == "synced"
-    assert writes(full, 0) == len(resources) == 19
+    assert len(resources) == 19 and writes(full, 0) == 3  # transactions of 8, 8 and 3
+    assert full.stats()["statuses"].get("400", 0) == 0
     for resource in resources:  # each of ours exactly once, findable by our sync identifier
         assert len(at_partner(full, resource["resourceType"], resource["id"])) == 1
+    references_resolve(full, resources)
 
     push(store, stored.id)  # nothing new: nothing written
-    assert writes(full, 0) == 19
+    assert writes(full, 0) == 3
 
     goal_id = local(stored, "Goal")
     stored = edit(store, stored.id, lambda d: d["goals"][0].update(description="Weighs himself every morning"))
     before = full.stats()
     push(store, stored.id)
-    after = full.stats()
-    changed = after["writes"] - before["writes"]
-    assert 1 <= changed <= 2  # the Goal (and the CarePlan, if its narrative names the goal), nothing else
+    assert full.stats()["writes"] - before["writes"] == 1  # the Goal and the CarePlan, one transaction
     goal = at_partner(full, "Goal", goal_id)[0]
     assert goal["description"]["text"] == "Weighs himself every morning"
     assert goal["meta"]["versionId"] != "1"
     assert state(store, stored.id).synced_version == stored.version
+
+
+def test_a_transaction_the_server_refuses_whole_is_written_one_request_at_a_time(store, full):
+    """Registered as a full server without Medplum's cap, the case's 19 entries with If-None-Exist are
+    refused whole (400): nothing was written, so each goes in a request of its own."""
+    route = add_partner(store, full, profile="full")
+    assert route["write_method"] == "transaction" and route["max_bundle_entries"] is None
+    stored = save(store, case_json())
+    resources = case_resources(schemas.load_case(stored.data))
+    push(store, stored.id)
+    assert state(store, stored.id).status == "synced"
+    assert full.stats()["statuses"].get("400") == 1 and writes(full, 0) == 19
+    for resource in resources:
+        assert len(at_partner(full, resource["resourceType"], resource["id"])) == 1
+    references_resolve(full, resources)
+
+
+@pytest.mark.parametrize("profile", ["full", "oracle"])
+def test_a_lost_bundle_answer_then_the_retry_leaves_one_copy_of_each(store, request, profile):
+    server = request.getfixturevalue(profile)
+    add_partner(store, server)
+    if profile == "oracle":
+        seed_client(server)
+    stored = save(store, case_json())
+    resources = [r for r in case_resources(schemas.load_case(stored.data))
+                 if profile == "full" or r["resourceType"] in ("ServiceRequest", "Task")]
+    server.control(fault_drop=1.0)  # the first bundle is applied, and its answer lost
+    with pytest.raises(sync.AmbiguousWrite):
+        sync.push_case(store, stored.id, "p1", stored.version, registry.endpoint_for(store, "p1"))
+    server.control(fault_drop=0.0)
+    assert server.stats()["drops"] == 1
+    sync.push_case(store, stored.id, "p1", stored.version, registry.endpoint_for(store, "p1"))  # the retry
+
+    assert state(store, stored.id).status == "synced"
+    for resource in resources:
+        assert len(at_partner(server, resource["resourceType"], resource["id"])) == 1
+    references_resolve(server, resources)
 
 
 # -- conflicts -------------------------------------------------------------------------------------
@@ -226,7 +279,10 @@ def test_epic_and_oracle_get_the_referral_only_for_the_client_they_know(store, r
     assert state(store, stored.id).status == "synced"
     case = schemas.load_case(stored.data)
     requests_ = [r for r in case_resources(case) if r["resourceType"] == "ServiceRequest"]
-    assert writes(server, 0) == len(requests_) + 1  # the ServiceRequests and the referral's Task
+    if profile == "oracle":  # a batch of the ServiceRequests, then one of the referral's Task
+        assert route["write_method"] == "batch" and writes(server, 0) == 2
+    else:  # one request each: the ServiceRequests and the referral's Task
+        assert route["write_method"] == "single" and writes(server, 0) == len(requests_) + 1
     for rtype in ("CarePlan", "Goal", "Condition", "CareTeam", "Organization", "Practitioner"):
         assert requests.get(f"{server.base_url}/{rtype}", timeout=10).json().get("total", 0) == 0
     assert requests.get(f"{server.base_url}/Patient", timeout=10).json()["total"] == 1  # theirs, no copy of ours
@@ -493,5 +549,5 @@ def test_several_workers_share_the_work_with_no_double_sends(tmp_path, monkeypat
     for rtype, local_id in ours:
         found = at_partner(full, rtype, local_id)
         assert len(found) == 1, (rtype, local_id, len(found))
-    # every write one of ours: creates once each, plus the six CarePlan updates at most
-    assert len(ours) <= full.stats()["writes"] <= len(ours) + 6
+    # one transaction a push: each case's first, plus the six CarePlan updates at most
+    assert len(stored) <= full.stats()["writes"] <= len(stored) + 6

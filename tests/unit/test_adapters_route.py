@@ -205,8 +205,17 @@ def test_profile_presets_encode_the_documented_behaviour():
     assert route(oracle).write_method is WriteMethod.BATCH and oracle.stale_if_match_status == 409
     assert route(profiles.capabilities("full")).mode is RouteMode.FULL_PLAN
     assert profiles.capabilities("full", max_page_size=20).max_page_size == 20
-    assert set(profiles.PROFILES) == set(profiles.STATEMENTS) == {"epic", "oracle", "full"}
+    assert set(profiles.PROFILES) == set(profiles.STATEMENTS) == {"epic", "oracle", "full", "medplum"}
     assert profiles.PROFILES["epic"]["max_page_size"] == 100  # a partner record's quirks start from these
+    medplum = route(profiles.capabilities("medplum"))
+    assert medplum.write_method is WriteMethod.TRANSACTION and medplum.max_bundle_entries == 8
+    assert route(profiles.capabilities("full")).max_bundle_entries is None
+
+
+@pytest.mark.parametrize("cap", [0, -1, 2.5, "8", True])
+def test_a_bundle_cap_is_a_whole_number_of_at_least_one(cap):
+    with pytest.raises(ValueError):
+        route(profiles.capabilities("full", max_bundle_entries=cap))
 
 
 _TYPES = (*PLAN_TYPES, "Task", "CareTeam")
