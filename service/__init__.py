@@ -31,7 +31,7 @@ def create_app(config: Optional[dict] = None):
     from service import fhir_index
     from service.api import cases, errors, fhir, health
     from service.api import partners as partners_api
-    from service import sync
+    from service.sync_outbox import on_case_saved
     from service.worker import celery_init_app, default_broker_url
 
     settings = Settings.from_env(config)
@@ -43,7 +43,7 @@ def create_app(config: Optional[dict] = None):
         migrations.upgrade(store)
     app.extensions["casebridge"] = Runtime(settings, store)
     store.add_save_hook(fhir_index.write_rows, prepare=fhir_index.rows_of_record)  # the FHIR search index
-    store.add_save_hook(sync.on_case_saved)  # the outbox: what each partner must be sent, same transaction
+    store.add_save_hook(on_case_saved)  # the outbox: what each partner must be sent, same transaction
     celery_init_app(app, settings.broker_url or default_broker_url(settings.home))
 
     errors.register(app)

@@ -9,7 +9,7 @@ from sqlalchemy import func, select, update
 from service.auth import Actor
 from service.errors import NotFound
 from service.store import Store, now
-from service.sync import notified_references
+from service.sync_pull import notified_references
 from service.sync_store import conflicts, dead_letters as letters, ledger, outbox, partners, sync_state
 
 

@@ -10,7 +10,8 @@ into what the partner made of each.
 - A batch cannot refer from one entry to another, so a batch is sent in rounds; a partner that caps
   the entries of a bundle gets several. ``next_bundle`` picks what goes next.
 
-No storage and no partner calls here: ``service.sync`` decides what to send and keeps the ledger.
+No storage and no partner calls here: ``service.sync_bundled_writes`` decides what to send, sends it
+and keeps the ledger.
 """
 from __future__ import annotations
 

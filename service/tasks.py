@@ -1,12 +1,16 @@
-"""Celery tasks: thin shells over ``service.sync``. Arguments are ids and versions only.
+"""Celery tasks: thin shells over the sync engine (``service.sync_push``, ``service.sync_pull``,
+``service.sync_outbox``). Arguments are ids and versions only.
 
 Tasks are idempotent (the ledger makes a repeated push write nothing), acknowledged late and
 re-queued if a worker dies mid-task. Transient partner failures retry with exponential backoff and
-full jitter, never sooner than the partner's Retry-After; permanent ones become dead letters.
+full jitter, never sooner than the partner's Retry-After, at most ``MAX_RETRIES`` times; permanent
+ones become dead letters. A push that finds its case held by another push waits apart from that
+bound (``BUSY_RETRIES``), so a lease left by a killed worker is outlived, not counted as failures.
 """
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import random
 
@@ -14,9 +18,13 @@ from celery import shared_task
 
 from adapters.errors import AuthError, PermanentError, TransientError
 from service import partners as registry
-from service import runtime, sync
+from service import runtime, sync_ledger, sync_outbox, sync_pull, sync_push
 
+#: tries after a transient partner failure (503, 429, a timeout) before the work is a dead letter
 MAX_RETRIES = 8
+#: tries of a case another push holds: until ten of its leases have run out (a lease left by a killed
+#: worker runs out after LEASE_SECONDS), then a dead letter rather than waiting for ever
+BUSY_RETRIES = math.ceil(10 * sync_push.LEASE_SECONDS / sync_push.BUSY_RETRY_AFTER)
 #: seconds: the first retry waits up to BASE, each next one up to twice as long, never more than CAP
 BACKOFF_BASE = float(os.environ.get("CASEBRIDGE_RETRY_BASE") or 2.0)
 BACKOFF_CAP = float(os.environ.get("CASEBRIDGE_RETRY_CAP") or 600.0)
@@ -33,20 +41,29 @@ def _store():
 
 
 @shared_task(bind=True, name="casebridge.push_case", acks_late=True, reject_on_worker_lost=True,
-             max_retries=MAX_RETRIES, ignore_result=True)
-def push_case(self, case_id: str, partner_id: str, version: int) -> None:
+             max_retries=MAX_RETRIES + BUSY_RETRIES, ignore_result=True)
+def push_case(self, case_id: str, partner_id: str, version: int, busy_retries: int = 0) -> None:
+    """``busy_retries``: how many of the retries so far found the case held by another push. Celery
+    counts every retry in ``request.retries`` (and its ``max_retries`` is only a backstop above both
+    bounds), so the transient failures are those retries less the busy ones."""
     store = _store()
     try:
-        sync.push_case(store, case_id, partner_id, version, registry.endpoint_for(store, partner_id))
-    except sync.CaseBusy as busy:  # waiting for another push of the case is not a failed attempt
-        raise self.retry(exc=busy, countdown=busy.retry_after or 2.0, max_retries=None)
-    except TransientError as error:
-        if self.request.retries >= self.max_retries:
-            sync.record_failure(store, partner_id, case_id, version, "push", error)
+        sync_push.push_case(store, case_id, partner_id, version, registry.endpoint_for(store, partner_id))
+    except sync_push.CaseBusy as busy:  # waiting for another push of the case is not a failed attempt
+        if busy_retries >= BUSY_RETRIES:
+            sync_ledger.record_failure(store, partner_id, case_id, version, "push", busy)
             return
-        raise self.retry(exc=error, countdown=backoff(self.request.retries, error.retry_after))
+        raise self.retry(args=(case_id, partner_id, version), kwargs={"busy_retries": busy_retries + 1}, exc=busy,
+                         countdown=busy.retry_after or sync_push.BUSY_RETRY_AFTER)
+    except TransientError as error:
+        failures = self.request.retries - busy_retries
+        if failures >= MAX_RETRIES:
+            sync_ledger.record_failure(store, partner_id, case_id, version, "push", error)
+            return
+        raise self.retry(args=(case_id, partner_id, version), kwargs={"busy_retries": busy_retries}, exc=error,
+                         countdown=backoff(failures, error.retry_after))
     except (PermanentError, AuthError) as error:
-        sync.record_failure(store, partner_id, case_id, version, "push", error)
+        sync_ledger.record_failure(store, partner_id, case_id, version, "push", error)
 
 
 @shared_task(bind=True, name="casebridge.pull_partner", acks_late=True, reject_on_worker_lost=True,
@@ -54,14 +71,14 @@ def push_case(self, case_id: str, partner_id: str, version: int) -> None:
 def pull_partner(self, partner_id: str) -> None:
     store = _store()
     try:
-        sync.pull_partner(store, partner_id, registry.endpoint_for(store, partner_id))
+        sync_pull.pull_partner(store, partner_id, registry.endpoint_for(store, partner_id))
     except TransientError as error:
         if self.request.retries >= self.max_retries:
-            sync.record_failure(store, partner_id, None, None, "pull", error)
+            sync_ledger.record_failure(store, partner_id, None, None, "pull", error)
             return
         raise self.retry(exc=error, countdown=backoff(self.request.retries, error.retry_after))
     except (PermanentError, AuthError) as error:
-        sync.record_failure(store, partner_id, None, None, "pull", error)
+        sync_ledger.record_failure(store, partner_id, None, None, "pull", error)
 
 
 @shared_task(bind=True, name="casebridge.notify", acks_late=True, reject_on_worker_lost=True,
@@ -69,16 +86,16 @@ def pull_partner(self, partner_id: str) -> None:
 def notify(self, partner_id: str, references: list[str]) -> None:
     store = _store()
     try:
-        sync.notify(store, partner_id, references, registry.endpoint_for(store, partner_id))
+        sync_pull.notify(store, partner_id, references, registry.endpoint_for(store, partner_id))
     except TransientError as error:
         raise self.retry(exc=error, countdown=backoff(self.request.retries, error.retry_after))
     except (PermanentError, AuthError) as error:
-        sync.record_failure(store, partner_id, None, None, "notify", error)
+        sync_ledger.record_failure(store, partner_id, None, None, "notify", error)
 
 
 @shared_task(name="casebridge.dispatch_outbox", ignore_result=True)
 def dispatch_outbox() -> int:
-    return sync.dispatch(_store(), lambda case_id, partner_id, version: push_case.delay(case_id, partner_id, version))
+    return sync_outbox.dispatch(_store(), push_case.delay)
 
 
 @shared_task(name="casebridge.pull_due_partners", ignore_result=True)
@@ -87,7 +104,7 @@ def pull_due_partners() -> int:
     15 minutes: the registry refuses shorter schedules)."""
     started = 0
     now = dt.datetime.now(dt.timezone.utc)
-    for partner in sync.partners_to_pull(_store(), now):
+    for partner in sync_pull.partners_to_pull(_store(), now):
         pull_partner.delay(partner)
         started += 1
     return started

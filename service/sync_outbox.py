@@ -1,0 +1,58 @@
+"""The outbox: which partners a case goes to, an outbox row for each written in the same transaction
+as the case save, and the dispatcher that turns waiting rows into push tasks (ids and versions only).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.engine import Connection
+
+from service.store import Store, StoredCase, now
+from service.sync_ledger import set_state
+from service.sync_store import outbox, partners
+
+
+def shared_with(partner: Any, organization_id: str, data: dict) -> bool:
+    if not partner.active or partner.direction == "pull" or organization_id not in (partner.organizations or ()):
+        return False
+    if partner.programs and data.get("program") not in partner.programs:
+        return False
+    if partner.high_risk_only and (data.get("risk") or {}).get("level") != "high":
+        return False
+    return True
+
+
+_ACTIVE_PARTNERS = select(partners).where(partners.c.active.is_(True))  # built once: every case save runs it
+
+
+def on_case_saved(conn: Connection, stored: StoredCase) -> None:
+    """Store save hook: an outbox row (and a pending sync state) per partner the case goes to."""
+    stamp = now()
+    for partner in conn.execute(_ACTIVE_PARTNERS):
+        if not shared_with(partner, stored.organization_id, stored.data):
+            continue
+        conn.execute(insert(outbox).values(case_id=stored.id, partner_id=partner.id, case_version=stored.version,
+                                           created_at=stamp))
+        set_state(conn, stored.id, partner.id, status="pending", wanted_version=stored.version)
+
+
+def dispatch(store: Store, enqueue: Callable[[str, str, int], None], limit: int = 500) -> int:
+    """Turn waiting outbox rows into push tasks. Rows are claimed first (one dispatcher wins each),
+    so several dispatchers never enqueue a row twice; a task enqueued twice is harmless anyway."""
+    with store.engine.begin() as conn:
+        query = select(outbox.c.id, outbox.c.case_id, outbox.c.partner_id, outbox.c.case_version) \
+            .where(outbox.c.dispatched_at.is_(None)).order_by(outbox.c.id).limit(limit)
+        if conn.dialect.name == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        rows = conn.execute(query).all()
+        if not rows:
+            return 0
+        conn.execute(update(outbox).where(outbox.c.id.in_([r.id for r in rows])).values(dispatched_at=now()))
+    latest: dict[tuple[str, str], int] = {}
+    for row in rows:  # several versions of one case waiting: the newest push covers them all
+        key = (row.case_id, row.partner_id)
+        latest[key] = max(latest.get(key, 0), row.case_version)
+    for (case_id, partner_id), version in latest.items():
+        enqueue(case_id, partner_id, version)
+    return len(latest)
