@@ -360,6 +360,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3, help="seconds of unmeasured load before each read route")
     parser.add_argument("--template", type=Path,
                         help="a case record to store (varied) and post (default: the example of docs/case-record.md)")
+    parser.add_argument("--routes", default="trivial,read,search,post",
+                        help="which routes to load, comma-separated among trivial, read, search, post (all)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (database, logs)")
     args = parser.parse_args()
     sizes = sorted({int(s) for s in args.cases.split(",") if s.strip()})
@@ -415,17 +417,20 @@ def bench(args, sizes: list[int], use_wrk: bool, workdir: Path, servers: list) -
         service = service_server(database_url, args.workers, workdir / f"service-{size}.log")
         servers.append(service)
         routes = [
-            (trivial, Route("GET /bench/trivial (floor)", "GET", ["/bench/trivial"], 200)),
-            (service, Route("GET /cases/{id}/fhir", "GET", [f"/cases/{c}/fhir" for c in case_ids], 200,
+            ("trivial", trivial, Route("GET /bench/trivial (floor)", "GET", ["/bench/trivial"], 200)),
+            ("read", service, Route("GET /cases/{id}/fhir", "GET", [f"/cases/{c}/fhir" for c in case_ids], 200,
                             auth_header)),
-            (service, Route("GET /fhir/CarePlan?patient&category", "GET",
+            ("search", service, Route("GET /fhir/CarePlan?patient&category", "GET",
                             [f"/fhir/CarePlan?patient={p}&category=assess-plan" for p in patients] or
                             ["/fhir/CarePlan?patient=none&category=assess-plan"], 200, auth_header,
                             check=one_entry_bundle)),
-            (service, Route("POST /cases", "POST", ["/cases"], 201,
+            ("post", service, Route("POST /cases", "POST", ["/cases"], 201,
                             {**auth_header, "Content-Type": "application/json"}, post_template)),
         ]
-        for server, route in routes:
+        wanted = {name.strip() for name in args.routes.split(",")}
+        for name, server, route in routes:
+            if name not in wanted:
+                continue
             tag = f"r{size}-{len(rows)}-{uuid.uuid4().hex[:4]}"
             problem = probe(server.port, route, tag)
             if problem is not None:

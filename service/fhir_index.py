@@ -26,7 +26,7 @@ from sqlalchemy.engine import Connection
 
 from mappings.export import case_resources
 from service import schemas
-from service.store import StoredCase, fhir_resources, fhir_tokens
+from service.store import StoredCase, fhir_resources, fhir_tokens, write
 
 #: the resource types the FHIR API serves (each a view of part of a case)
 TYPES = ("Patient", "CarePlan", "Goal", "ServiceRequest", "Condition", "Task")
@@ -185,8 +185,8 @@ def write_rows(conn: Connection, stored: StoredCase, prepared: Optional[list] = 
     """Rewrite the case's rows (a save hook: runs inside the case's save, with what
     ``rows_of_record`` prepared)."""
     if stored.version > 1:  # a new case has no rows yet
-        conn.execute(_DELETE_TOKENS, {"case_id": stored.id})
-        conn.execute(_DELETE_ROWS, {"case_id": stored.id})
+        write(conn, _DELETE_TOKENS, {"case_id": stored.id})
+        write(conn, _DELETE_ROWS, {"case_id": stored.id})
     if prepared is None:
         prepared = rows_of_record(stored.data)
     deleted, org, case_id = is_deleted(stored), stored.organization_id, stored.id
@@ -199,9 +199,9 @@ def write_rows(conn: Connection, stored: StoredCase, prepared: Optional[list] = 
                         "param": param, "system": system or None, "code": code[:255]}
                        for param, system, code in tokens]
     if rows:
-        conn.execute(_INSERT_ROWS, rows)
+        write(conn, _INSERT_ROWS, rows)
     if token_rows:
-        conn.execute(_INSERT_TOKENS, token_rows)
+        write(conn, _INSERT_TOKENS, token_rows)
 
 
 def index_case(conn: Connection, stored: StoredCase) -> None:

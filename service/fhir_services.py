@@ -147,7 +147,7 @@ def _iso(stamp: dt.datetime) -> str:
 
 def with_meta(resource: dict, version: int, updated: dt.datetime) -> dict:
     """A copy of the resource with meta.versionId and meta.lastUpdated."""
-    resource = dict(resource)  # shallow: the nested elements are shared with the export cache, never changed
+    resource = dict(resource)  # shallow: the nested elements stay the caller's
     meta = {k: v for k, v in (resource.pop("meta", None) or {}).items() if k not in ("versionId", "lastUpdated")}
     head = {"resourceType": resource.pop("resourceType"), "id": resource.pop("id"),
             "meta": {"versionId": str(version), "lastUpdated": _iso(updated), **meta}}
@@ -175,14 +175,14 @@ class _Cases:
         """The resource of an index row (of the current version of its case)."""
         updated = row.last_updated if row.last_updated.tzinfo else row.last_updated.replace(tzinfo=dt.timezone.utc)
         version = row.version
-        resources = exports.cached_resources(self.organization_id, row.case_id, version, updated)
-        if resources is None:
+        jsons = exports.cached_resource_jsons(self.organization_id, row.case_id, version, updated)
+        if jsons is None:
             stored = self.case(row.case_id)
-            resources, version, updated = exports.resources_of(stored), stored.version, stored.updated_at
-        found = resources.get((row.resource_type, row.resource_id))
+            jsons, version, updated = exports.resource_jsons(stored), stored.version, stored.updated_at
+        found = jsons.get((row.resource_type, row.resource_id))
         if found is None:
             return None
-        return Result(with_meta(found, version, updated), version, updated,
+        return Result(with_meta(orjson.loads(found), version, updated), version, updated,
                       resource_type=row.resource_type, resource_id=row.resource_id)
 
 

@@ -157,15 +157,16 @@ def version_action(stored: StoredCase) -> str:
 
 
 def export_stored_case(store: Store, actor: Actor, case_id: str, bundle_type: str = "collection",
-                       base_url: str = DEFAULT_BASE_URL) -> dict:
-    """A stored case as a FHIR Bundle whose fullUrls are under ``base_url``."""
+                       base_url: str = DEFAULT_BASE_URL) -> orjson.Fragment:
+    """A stored case as a FHIR Bundle whose fullUrls are under ``base_url``, as JSON ready to send
+    (``orjson.dumps`` writes it as it is; ``orjson.loads(fragment.contents)`` reads it)."""
     if bundle_type not in BUNDLE_TYPES:
         raise Invalid("unknown bundle type", [Problem("type", f"must be one of: {', '.join(BUNDLE_TYPES)}")])
     version, updated_at = store.case_stamp(actor.organization_id, case_id)
-    found = exports.cached_bundle(actor.organization_id, case_id, version, updated_at, bundle_type, base_url)
+    found = exports.cached_bundle_json(actor.organization_id, case_id, version, updated_at, bundle_type, base_url)
     if found is None:  # not converted since it last changed (or since this process started)
-        found = exports.bundle_of(store.get_case(actor.organization_id, case_id), bundle_type, base_url)
-    return found
+        found = exports.bundle_json(store.get_case(actor.organization_id, case_id), bundle_type, base_url)
+    return orjson.Fragment(found)
 
 
 def import_fhir(store: Store, actor: Actor, raw: bytes | str | dict | list) -> dict:

@@ -18,18 +18,19 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import orjson
 from sqlalchemy import (
     JSON, Boolean, Column, DateTime, ForeignKey, Index, Integer, MetaData, String, Table, Text, UniqueConstraint,
-    and_, bindparam, create_engine, delete, event, func, insert, or_, select, update,
+    and_, bindparam, create_engine, delete, func, insert, or_, select, update,
 )
 from sqlalchemy.engine import Connection, Engine
 
 from service.errors import AlreadyExists, Conflict, NotFound
+from service.sqlite_engine import sqlite_engine
 
 metadata = MetaData()
 
 cases = Table(
     "cases", metadata,
     Column("id", String(64), primary_key=True),
-    Column("organization_id", String(64), nullable=False, index=True),
+    Column("organization_id", String(64), nullable=False),
     Column("version", Integer, nullable=False),
     Column("status", String(32), nullable=False),
     Column("program", String(32), nullable=False),
@@ -68,7 +69,7 @@ fhir_resources = Table(
     Column("resource_id", String(64), primary_key=True),
     Column("case_id", String(64), ForeignKey("cases.id"), primary_key=True),
     Column("organization_id", String(64), nullable=False),
-    Column("patient_id", String(64), index=True),
+    Column("patient_id", String(64)),
     Column("version", Integer, nullable=False),
     Column("last_updated", DateTime(timezone=True), nullable=False),
     Column("deleted", Boolean, nullable=False, default=False),
@@ -148,24 +149,7 @@ def now() -> dt.datetime:
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
-
-        @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_connection, _record):  # pragma: no cover - trivial
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.close()
-
-        @event.listens_for(engine, "begin")
-        def _sqlite_begin(conn):
-            # A writer takes the write lock up front (no upgrade deadlocks between writers); a reader
-            # (``Store.reader``) takes none, so reads never wait for each other or for a writer (WAL).
-            readonly = conn.get_execution_options().get(READONLY, False)
-            conn.connection.driver_connection.execute("BEGIN" if readonly else "BEGIN IMMEDIATE")
-
-        return engine
+        return sqlite_engine(url, READONLY)
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
@@ -192,6 +176,8 @@ _CREATED_AT = select(cases.c.created_at).where(cases.c.id == bindparam("id"))
 _UPDATE_CASE = update(cases).where(cases.c.id == bindparam("case_id"),
                                    cases.c.organization_id == bindparam("org"),
                                    cases.c.version == bindparam("expected"))
+_INSERT_CASE, _INSERT_VERSION = insert(cases), insert(case_versions)
+_INSERT_IDENTIFIERS = insert(client_identifiers)
 _DELETE_IDENTIFIERS = delete(client_identifiers).where(client_identifiers.c.case_id == bindparam("case_id"))
 
 
@@ -265,11 +251,11 @@ class Store:
             if c.execute(_CASE_ID, {"id": data["id"]}).scalar() is not None:
                 raise AlreadyExists(f"case {data['id']} already exists")
             stamp = now()
-            c.execute(insert(cases), {"id": data["id"], "organization_id": organization_id, "version": 1,
-                                      "status": data["status"], "program": data["program"], "deleted": False,
-                                      "created_at": stamp, "updated_at": stamp, "data": text})
-            c.execute(insert(case_versions), {"case_id": data["id"], "version": 1, "recorded_at": stamp,
-                                              "action": "create", "actor": actor, "data": text})
+            write(c, _INSERT_CASE, {"id": data["id"], "organization_id": organization_id, "version": 1,
+                                    "status": data["status"], "program": data["program"], "deleted": False,
+                                    "created_at": stamp, "updated_at": stamp, "data": text})
+            write(c, _INSERT_VERSION, {"case_id": data["id"], "version": 1, "recorded_at": stamp,
+                                       "action": "create", "actor": actor, "data": text})
             stored = StoredCase(data["id"], organization_id, 1, False, stamp, stamp, data)
             self._after_save(c, stored, prepared)
             return stored
@@ -302,9 +288,9 @@ class Store:
                 if current is None:
                     raise NotFound(f"no case {case_id}")
                 raise Conflict(f"case {case_id} is at version {current.version}, not {expected_version}")
-            c.execute(insert(case_versions), {"case_id": case_id, "version": expected_version + 1,
-                                              "recorded_at": stamp, "action": "delete" if deleted else "update",
-                                              "actor": actor, "data": text})
+            write(c, _INSERT_VERSION, {"case_id": case_id, "version": expected_version + 1,
+                                       "recorded_at": stamp, "action": "delete" if deleted else "update",
+                                       "actor": actor, "data": text})
             created = c.execute(_CREATED_AT, {"id": case_id}).scalar()
             stored = StoredCase(case_id, organization_id, expected_version + 1, deleted, _aware(created), stamp, data)
             self._after_save(c, stored, prepared)
@@ -393,10 +379,10 @@ class Store:
 
     def _after_save(self, conn: Connection, stored: StoredCase, prepared: list) -> None:
         if stored.version > 1:  # a new case has none yet
-            conn.execute(_DELETE_IDENTIFIERS, {"case_id": stored.id})
+            write(conn, _DELETE_IDENTIFIERS, {"case_id": stored.id})
         keys = dict.fromkeys((i["system"], i["value"]) for i in stored.data.get("client", {}).get("identifiers", ()))
         if keys:
-            conn.execute(insert(client_identifiers), [
+            write(conn, _INSERT_IDENTIFIERS, [
                 {"case_id": stored.id, "system": system, "value": value, "organization_id": stored.organization_id}
                 for system, value in keys])
         for (hook, prepare), ready in zip(self._hooks, prepared):
@@ -415,6 +401,31 @@ class Store:
                           _aware(row.updated_at), orjson.loads(row.data))
 
 
+_RAW_WRITES: dict = {}  # (statement, dialect name) -> _RawStatement
+
+
+def write(conn: Connection, statement, params) -> None:
+    """Run a prebuilt INSERT, UPDATE or DELETE with ``params`` (a dict, or a list of them for one
+    row each) inside ``conn``'s transaction. On SQLite it goes straight to the driver: these run
+    while the database's one write lock is held, so SQLAlchemy's own cost per statement delays every
+    other writer. Elsewhere SQLAlchemy runs it (it batches many rows into one round trip)."""
+    dialect = conn.dialect
+    if dialect.name != "sqlite":
+        conn.execute(statement, params)
+        return
+    prepared = _RAW_WRITES.get((statement, dialect.name))
+    if prepared is None:
+        prepared = _RAW_WRITES[(statement, dialect.name)] = _RawStatement(statement, dialect)
+    cursor = conn.connection.driver_connection.cursor()
+    try:
+        if isinstance(params, list):
+            cursor.executemany(prepared.sql, [prepared.values(p) for p in params])
+        else:
+            cursor.execute(prepared.sql, prepared.values(params))
+    finally:
+        cursor.close()
+
+
 class _RawStatement:
     """A statement compiled once for one database, with what turns its driver rows into typed rows."""
 
@@ -427,7 +438,7 @@ class _RawStatement:
         self.converters = {name: convert for name, convert in (
             (name, bind.type.dialect_impl(dialect).bind_processor(dialect)) for name, bind in binds.items())
             if convert is not None}
-        columns = list(statement.selected_columns)
+        columns = list(getattr(statement, "selected_columns", ()))
         self.processors = [c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns]
         self.tuple = namedtuple("Row", [c.key for c in columns], rename=True)  # type: ignore[misc]
 

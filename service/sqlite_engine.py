@@ -1,0 +1,199 @@
+"""The SQLite engine of the embedded default, set up for several processes writing one file.
+
+SQLite lets one writer in at a time. Left to itself, a writer that finds the file locked polls,
+sleeping 1, 2, 5, 10 ... ms between tries, and the writer whose commit crosses the WAL's size limit
+copies the whole WAL back into the database file (and syncs it) before its request can answer. Under
+load both put most of a save's latency into waiting. So here:
+
+- readers begin a deferred transaction and take no lock (WAL: they never wait for a writer);
+- writers take the write lock up front (``BEGIN IMMEDIATE``: no deadlock upgrading a read lock), after
+  queueing on an ``flock`` of a file beside the database, shared by every process that opens it: the
+  kernel wakes the next writer the moment the previous one has committed;
+- a background thread in each writing process checkpoints the WAL (``PASSIVE``: it never blocks a
+  reader or a writer), instead of the commit that happens to cross the limit, and now and then
+  lets the WAL start over (see ``Checkpointer``).
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from typing import Optional
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import OperationalError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on POSIX: writers poll for SQLite's lock instead
+    fcntl = None
+
+_WRITER_LOCK = "casebridge_writer_lock"
+
+
+def sqlite_engine(url: str, readonly_option: str) -> Engine:
+    """An engine on the SQLite database at ``url``; connections run with the execution option
+    ``readonly_option`` set only read."""
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+    path = _database_file(engine)
+    checkpointer = Checkpointer(path) if path is not None else None
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_connection, record):  # pragma: no cover - trivial
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        if path is not None:
+            cursor.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer's job
+            if fcntl is not None:
+                record.info[_WRITER_LOCK] = WriterLock(f"{path}-writer.lock")
+        cursor.close()
+
+    @event.listens_for(engine, "close")
+    def _close(_dbapi_connection, record):  # pragma: no cover - trivial
+        lock = record.info.pop(_WRITER_LOCK, None)
+        if lock is not None:
+            lock.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        readonly = conn.get_execution_options().get(readonly_option, False)
+        lock = None if readonly else conn.connection.info.get(_WRITER_LOCK)
+        if lock is not None:
+            lock.acquire()
+        try:
+            conn.connection.driver_connection.execute("BEGIN" if readonly else "BEGIN IMMEDIATE")
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+
+    @event.listens_for(engine, "commit")
+    def _commit(conn: Connection) -> None:
+        # The event comes before the driver's commit: commit here, so that the next writer is woken
+        # only once the database is free (the driver's own commit, after, finds nothing to do).
+        lock = conn.connection.info.get(_WRITER_LOCK)
+        if lock is not None and lock.held:
+            try:
+                conn.connection.driver_connection.commit()
+            finally:
+                lock.release()
+            if checkpointer is not None:
+                checkpointer.written()
+
+    @event.listens_for(engine, "rollback")
+    def _rollback(conn: Connection) -> None:
+        lock = conn.connection.info.get(_WRITER_LOCK)
+        if lock is not None and lock.held:
+            try:
+                conn.connection.driver_connection.rollback()
+            finally:
+                lock.release()
+
+    return engine
+
+
+def _database_file(engine: Engine) -> Optional[str]:
+    """The file of a file database; none for an in-memory or URI-named one (left with SQLite's defaults)."""
+    database = engine.url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return database
+
+
+_HELD = threading.local()  # the lock files this thread holds
+
+
+class WriterLock:
+    """An exclusive ``flock`` on a file beside the database, held from a writer's BEGIN to its
+    COMMIT or ROLLBACK. Each connection opens the file itself, so connections of one process queue
+    on it too.
+
+    A thread that opens a second write transaction on the same database while its first is open
+    would wait for itself for ever: it gets SQLite's own "database is locked" error at once instead."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.held = False
+
+    def acquire(self) -> None:
+        held = _HELD.__dict__.setdefault("paths", set())
+        if self.path in held:
+            raise OperationalError("BEGIN IMMEDIATE", None, sqlite3.OperationalError(
+                "database is locked: this thread already has a write transaction open"))
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        self.held = True
+        held.add(self.path)
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            _HELD.__dict__.setdefault("paths", set()).discard(self.path)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        self.release()
+        os.close(self._fd)
+
+
+class Checkpointer:
+    """Copies committed WAL frames back into the database file from a daemon thread of the process
+    that wrote them, every ``INTERVAL`` seconds while there are writes, alongside the writers.
+
+    Such a checkpoint never lets the WAL start over from its beginning under steady writes: that
+    takes a writer beginning while every frame is copied, and there is always a newer frame. So once
+    the WAL holds more than ``WAL_RESTART_FRAMES``, the thread copies the last few frames while it
+    holds the writers' lock (a pause of milliseconds), and the next writer starts the WAL over: its
+    file is then written again from the start rather than grown without end. A process that stops writing leaves the rest to the next writer or
+    to the last connection's close, as SQLite does."""
+
+    INTERVAL = 0.1
+    WAL_RESTART_FRAMES = 16384  # 64 MiB of 4 KiB pages
+
+    def __init__(self, path: str):
+        self.path = path
+        self._pending = threading.Event()
+        self._pid: Optional[int] = None
+        self._start = threading.Lock()
+
+    def written(self) -> None:
+        if self._pid != os.getpid():  # first write in this process (gunicorn forks after the app is built)
+            with self._start:
+                if self._pid != os.getpid():
+                    self._pending = threading.Event()
+                    threading.Thread(target=self._run, name="casebridge-checkpoint", daemon=True).start()
+                    self._pid = os.getpid()
+        self._pending.set()
+
+    def _run(self) -> None:
+        pending = self._pending
+        connection = sqlite3.connect(self.path, timeout=0, check_same_thread=False)
+        writers = WriterLock(f"{self.path}-writer.lock") if fcntl is not None else None
+        try:
+            while True:
+                pending.wait()
+                pending.clear()
+                in_wal = self._checkpoint(connection)
+                if in_wal is None:
+                    pending.set()  # busy with another process's checkpoint: try again next round
+                elif writers is not None and in_wal > self.WAL_RESTART_FRAMES:
+                    writers.acquire()
+                    try:
+                        self._checkpoint(connection)
+                    finally:
+                        writers.release()
+                threading.Event().wait(self.INTERVAL)
+        finally:  # pragma: no cover - a daemon thread ends with its process
+            connection.close()
+
+    @staticmethod
+    def _checkpoint(connection: sqlite3.Connection) -> Optional[int]:
+        """The frames in the WAL since it last started over, all of them now copied; None when busy."""
+        try:
+            busy, in_wal, _copied = connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error:
+            return None
+        return None if busy else in_wal
