@@ -4,8 +4,8 @@ time and memory to drain a backlog of case updates. Prints figures; not a test.
     python bench/sync.py [--cases 300] [--backlog-cases 2000] [--backlog-updates 5] [--concurrency 2]
                          [--broker redis|sqlite]
 
-1. Push rate: ``--cases`` minimal cases are stored, then one worker process with ``--concurrency``
-   threads (the "2 workers") pushes them to tests/fhir_server (profile full, registered as the medplum
+1. Push rate: ``--cases`` minimal cases are stored, then one Celery worker with ``--concurrency``
+   pool processes (prefork: the "2 workers") pushes them to tests/fhir_server (profile full, registered as the medplum
    partner profile: transactions of at most 8 entries). Resources per second = our resources now at the
    server / seconds from the first write to the last case synced. Beside it, a direct
    client (a plain ``requests`` session per thread, the same number of threads) POSTs the same resources
@@ -13,8 +13,9 @@ time and memory to drain a backlog of case updates. Prints figures; not a test.
    least 70% of the direct rate (met / NOT met).
 2. Backlog: ``--backlog-cases`` minimal cases each saved and then updated ``--backlog-updates - 1``
    times (2,000 x 5 = 10,000 case versions) before a worker starts; the time until every case is synced
-   at its last version, and the peak RSS of the worker process (VmHWM from /proc). The outbox folds the
-   versions of a case waiting together into one push, so far fewer than 10,000 pushes are made.
+   at its last version, and the peak RSS of the worker's processes (VmHWM from /proc, summed). The
+   outbox folds the versions of a case waiting together into one push, so far fewer than 10,000
+   pushes are made.
 
 Redis (db 13, flushed) is the broker when it answers, else the embedded SQLite one.
 """
@@ -91,7 +92,7 @@ class Instance:
 
     def start(self, concurrency: int) -> None:
         self.worker = subprocess.Popen(
-            [sys.executable, "-m", "service.worker", "--beat", "--pool", "threads", "--concurrency",
+            [sys.executable, "-m", "service.worker", "--beat", "--pool", "prefork", "--concurrency",
              str(concurrency), "--loglevel", "WARNING"],
             cwd=ROOT, env={**os.environ, **self.env, "PYTHONPATH": str(ROOT)},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -116,7 +117,7 @@ class Instance:
                 sync_state.c.status != "synced", sync_state.c.synced_version < sync_state.c.wanted_version))).scalar()
 
     def peak_rss_mb(self) -> float:
-        """VmHWM of the worker process and its children, MB (threads pool: one process)."""
+        """VmHWM of the worker process and its children (the pool processes, the schedule), MB, summed."""
         total = 0
         pids = [self.worker.pid]
         try:
@@ -228,7 +229,7 @@ def main() -> None:
         ratio = worker_rate / client_rate
         broker = "Redis" if instance.env["CASEBRIDGE_BROKER_URL"].startswith("redis") else "embedded SQLite"
         print(f"push rate ({options.cases} minimal cases, {len(bodies)} resources in {writes} write requests, "
-              f"{requests_made} requests in all, broker {broker}, 1 worker process x {options.concurrency} threads):")
+              f"{requests_made} requests in all, broker {broker}, 1 worker, {options.concurrency} pool processes):")
         print(f"  workers        {worker_rate:8.1f} resources/s  ({pushing:.1f} s from first write to all synced)")
         print(f"  direct client  {client_rate:8.1f} resources/s  ({len(bodies)} POSTs with If-None-Exist, "
               f"{options.concurrency} threads)")
@@ -257,10 +258,10 @@ def main() -> None:
         finally:
             instance.stop()
         print(f"backlog: {n} cases x {k} versions = {n * k} case updates waiting (stored in {loaded:.0f} s), "
-              f"1 worker process x {options.concurrency} threads:")
+              f"1 worker, {options.concurrency} pool processes:")
         print(f"  drained in     {total:8.1f} s from worker start ({pushing:.1f} s from the first write); "
               f"{stats['writes']} write requests (transactions), {stats['requests']} requests")
-        print(f"  peak RSS       {peak[0]:8.1f} MB (worker process, VmHWM)")
+        print(f"  peak RSS       {peak[0]:8.1f} MB (the worker's processes, VmHWM summed)")
 
 
 if __name__ == "__main__":

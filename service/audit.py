@@ -271,12 +271,12 @@ def search(store: Store, organization_id: str, *, entity: Optional[str] = None,
     if before_id is not None:
         query = query.where(audit_events.c.id < before_id)
     query = query.order_by(audit_events.c.id.desc()).limit(limit)
-    with store.engine.connect() as conn:
+    with store.reader.connect() as conn:
         return [_event(row) for row in conn.execute(query)]
 
 
 def get(store: Store, organization_id: str, event_id: int) -> Optional[Event]:
-    with store.engine.connect() as conn:
+    with store.reader.connect() as conn:
         row = conn.execute(select(audit_events).where(audit_events.c.id == event_id,
                                                       audit_events.c.organization_id == organization_id)).first()
     return _event(row) if row is not None else None
@@ -289,7 +289,7 @@ def _entity_clause(store: Store, organization_id: str, entity: str):
     if kind:
         matches = [and_(audit_events.c.entity_type == kind, audit_events.c.entity_id == ident)]
     if kind in ("", "CarePlan"):
-        with store.engine.connect() as conn:
+        with store.reader.connect() as conn:
             case_ids = conn.execute(select(fhir_resources.c.case_id).where(
                 fhir_resources.c.organization_id == organization_id, fhir_resources.c.resource_type == "CarePlan",
                 fhir_resources.c.resource_id == ident)).scalars().all()
@@ -325,7 +325,7 @@ def careplan_ids(store: Store, events: Iterable[Event]) -> dict[str, str]:
     wanted = {e.entity_id for e in events if e.entity_type == CASE and e.entity_id}
     if not wanted:
         return {}
-    with store.engine.connect() as conn:
+    with store.reader.connect() as conn:
         found = dict(conn.execute(select(fhir_resources.c.case_id, fhir_resources.c.resource_id).where(
             fhir_resources.c.resource_type == "CarePlan", fhir_resources.c.case_id.in_(wanted))).all())
     return {case_id: found.get(case_id) or ids.resource_id("CarePlan", case_id) for case_id in wanted}

@@ -86,7 +86,7 @@ class KeyInfo:
 
 
 def list_keys(store: Store, organization_id: str) -> list[KeyInfo]:
-    with store.engine.connect() as conn:
+    with store.reader.connect() as conn:
         rows = conn.execute(select(api_keys.c.id, api_keys.c.organization_id, api_keys.c.scopes, api_keys.c.label,
                                    api_keys.c.created_at, api_keys.c.revoked)
                             .where(api_keys.c.organization_id == organization_id)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
+import threading
 from typing import Any, Optional
 
 import orjson
@@ -166,7 +167,7 @@ def get_partner(store: Store, partner_id: str) -> dict:
 
 
 def list_partners(store: Store) -> list[dict]:
-    with store.engine.connect() as conn:
+    with store.reader.connect() as conn:
         rows = conn.execute(select(partners).order_by(partners.c.id)).all()
     return [_public(r) | {"auth": auth_public(store, r.id)} for r in rows]
 
@@ -193,7 +194,7 @@ def auth_public(store: Store, partner_id: str) -> dict:
 
 
 def _row(store: Store, partner_id: str) -> Any:
-    with store.engine.connect() as conn:
+    with store.reader.connect() as conn:
         row = conn.execute(select(partners).where(partners.c.id == partner_id)).first()
     if row is None:
         raise NotFound(f"no partner {partner_id}")
@@ -217,10 +218,25 @@ def auth_for(settings: dict) -> partner_auth.Auth:
     return partner_auth.NoAuth()
 
 
+#: endpoints already built, by thread: (database, partner id) -> (the settings they were built from, endpoint)
+_ENDPOINTS = threading.local()
+
+
 def endpoint_for(store: Store, partner_id: str) -> FhirRestEndpoint:
+    """The partner's endpoint. Each thread keeps the one it built while the partner's settings stay
+    the same, so that one task after another reuses its open connections, its access token and its
+    rate limit (and does not decrypt the credentials again); a changed setting builds a new one."""
     row = _row(store, partner_id)
-    return FhirRestEndpoint(row.base_url, auth_for(auth_settings(store, partner_id)), quirks=row.quirks or {},
-                            rate_limit=row.rate_limit)
+    settings = (row.base_url, row.auth_type, row.auth_secret, row.rate_limit,
+                orjson.dumps(row.quirks or {}, option=orjson.OPT_SORT_KEYS))
+    built = _ENDPOINTS.__dict__.setdefault("by_partner", {})
+    found = built.get((store.url, partner_id))
+    if found is not None and found[0] == settings:
+        return found[1]
+    endpoint = FhirRestEndpoint(row.base_url, auth_for(auth_settings(store, partner_id)), quirks=row.quirks or {},
+                                rate_limit=row.rate_limit)
+    built[(store.url, partner_id)] = (settings, endpoint)
+    return endpoint
 
 
 def check_capabilities(store: Store, partner_id: str, endpoint=None) -> dict:

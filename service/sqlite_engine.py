@@ -147,8 +147,8 @@ class Checkpointer:
     takes a writer beginning while every frame is copied, and there is always a newer frame. So once
     the WAL holds more than ``WAL_RESTART_FRAMES``, the thread copies the last few frames while it
     holds the writers' lock (a pause of milliseconds), and the next writer starts the WAL over: its
-    file is then written again from the start rather than grown without end. A process that stops writing leaves the rest to the next writer or
-    to the last connection's close, as SQLite does."""
+    file is then written again from the start rather than grown without end. A process that stops
+    writing leaves the rest to the next writer or to the last connection's close, as SQLite does."""
 
     INTERVAL = 0.1
     WAL_RESTART_FRAMES = 16384  # 64 MiB of 4 KiB pages

@@ -20,7 +20,7 @@ def _iso(stamp: Any) -> Optional[str]:
 
 
 def partner_status(store: Store, partner_id: str) -> dict:
-    with store.engine.connect() as conn:
+    with store.reader.connect() as conn:
         partner = conn.execute(select(partners).where(partners.c.id == partner_id)).first()
         if partner is None:
             raise NotFound(f"no partner {partner_id}")
@@ -37,7 +37,7 @@ def partner_status(store: Store, partner_id: str) -> dict:
 
 def case_sync_status(store: Store, who: Actor, case_id: str) -> dict:
     store.get_case(who.organization_id, case_id)  # 404 for another organization's case
-    with store.engine.connect() as conn:
+    with store.reader.connect() as conn:
         states = conn.execute(select(sync_state).where(sync_state.c.case_id == case_id)).all()
         rows = conn.execute(select(ledger).where(ledger.c.case_id == case_id)).all()
     remote: dict[str, list] = {}
@@ -55,7 +55,7 @@ def dead_letters(store: Store, partner_id: Optional[str] = None) -> list[dict]:
     query = select(letters).order_by(letters.c.id.desc()).limit(500)
     if partner_id:
         query = query.where(letters.c.partner_id == partner_id)
-    with store.engine.connect() as conn:
+    with store.reader.connect() as conn:
         return [{"id": r.id, "partner": r.partner_id, "case": r.case_id, "case_version": r.case_version,
                  "operation": r.operation, "status": r.status, "error": r.error, "outcome": r.outcome,
                  "created_at": _iso(r.created_at), "replayed_at": _iso(r.replayed_at)}
@@ -119,7 +119,7 @@ def conflicts_of(store: Store, who: Actor, case_id: Optional[str], only_open: bo
         query = query.where(conflicts.c.case_id == case_id)
     if only_open:
         query = query.where(conflicts.c.resolved_at.is_(None))
-    with store.engine.connect() as conn:
+    with store.reader.connect() as conn:
         return [{"id": r.id, "case": r.case_id, "partner": r.partner_id, "resource_type": r.resource_type,
                  "resource_id": r.local_id, "fields": r.fields, "ours": r.ours, "theirs": r.theirs,
                  "created_at": _iso(r.created_at), "resolved_at": _iso(r.resolved_at)} for r in conn.execute(query)]

@@ -142,28 +142,31 @@ def _send_bundle(store: Store, partner: Any, case_id: str, resources: list[dict]
                     by_local[write.key] = placed[write.key] = row
     again: list[dict] = []
     failures: list[Exception] = []
-    for resource, write, answer in zip(resources, writes, answers):
-        if not answer.ok:
-            if answer.conflict:
-                again.append(resource)  # re-read, merge or record the conflict, as one request does
-            else:
-                failures.append(bundles.refused(kind, write, answer))
-            continue
-        if not answer.remote_id:
-            again.append(resource)
-            continue
-        body = body_to_send(resource, placed)
-        if write.if_none_exist and answer.status == 200 and (answer.resource is None
-                                                             or differs(answer.resource, body)):
-            # found there already (an earlier answer was lost), but not as we send it now: an update;
-            # the copy there is a write of ours, not the partner's change, should a pull read it meanwhile
-            by_local[write.key] = save_ledger(store, partner.id, case_id, write.rtype, write.local_id,
-                                              answer.remote_id, answer.version, None, None, ours=True)
-            again.append(resource)
-            continue
-        by_local[write.key] = save_ledger(store, partner.id, case_id, write.rtype, write.local_id, answer.remote_id,
-                                          answer.version, body_hash(body), body, ours=True)
-        result.written += 1
+    with store.engine.begin() as conn:  # what the partner now holds: one write of the ledger
+        for resource, write, answer in zip(resources, writes, answers):
+            if not answer.ok:
+                if answer.conflict:
+                    again.append(resource)  # re-read, merge or record the conflict, as one request does
+                else:
+                    failures.append(bundles.refused(kind, write, answer))
+                continue
+            if not answer.remote_id:
+                again.append(resource)
+                continue
+            body = body_to_send(resource, placed)
+            if write.if_none_exist and answer.status == 200 and (answer.resource is None
+                                                                 or differs(answer.resource, body)):
+                # found there already (an earlier answer was lost), but not as we send it now: an update;
+                # the copy there is a write of ours, not the partner's change, should a pull read it meanwhile
+                by_local[write.key] = save_ledger(store, partner.id, case_id, write.rtype, write.local_id,
+                                                  answer.remote_id, answer.version, None, None, ours=True,
+                                                  conn=conn)
+                again.append(resource)
+                continue
+            by_local[write.key] = save_ledger(store, partner.id, case_id, write.rtype, write.local_id, answer.remote_id,
+                                              answer.version, body_hash(body), body, ours=True,
+                                              conn=conn)
+            result.written += 1
     if failures:
         raise next((f for f in failures if isinstance(f, TransientError)), failures[0])
     return again

@@ -134,11 +134,11 @@ def _task_for_our_referral(store: Store, partner: Any, task: dict) -> str:
 
 
 def _case_exists(store: Store, case_id: str) -> bool:
-    with store.engine.connect() as conn:
+    with store.reader.connect() as conn:
         return conn.execute(select(cases.c.id).where(cases.c.id == case_id)).first() is not None
 
 
 def _case_of_local(store: Store, rtype: str, local_id: str) -> Optional[str]:
-    with store.engine.connect() as conn:
+    with store.reader.connect() as conn:
         return conn.execute(select(fhir_resources.c.case_id).where(
             fhir_resources.c.resource_type == rtype, fhir_resources.c.resource_id == local_id)).scalar()

@@ -5,6 +5,8 @@ letters; and the case a push or a pull works on.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 from typing import Any, Optional
 
 from sqlalchemy import and_, insert, select, update
@@ -22,13 +24,13 @@ WRITTEN_VERSIONS_KEPT = 50
 
 # -- the identity ledger -------------------------------------------------------------------------
 def ledger_row(store: Store, partner_id: str, key: tuple[str, str]) -> Any:
-    with store.engine.connect() as conn:
+    with store.reader.connect() as conn:
         return conn.execute(select(ledger).where(ledger.c.partner_id == partner_id, ledger.c.resource_type == key[0],
                                                  ledger.c.local_id == key[1])).first()
 
 
 def ledger_rows(store: Store, partner_id: str, local_ids: list[str]) -> list[Any]:
-    with store.engine.connect() as conn:
+    with store.reader.connect() as conn:
         return conn.execute(select(ledger).where(ledger.c.partner_id == partner_id,
                                                  ledger.c.local_id.in_(local_ids))).all()
 
@@ -36,20 +38,21 @@ def ledger_rows(store: Store, partner_id: str, local_ids: list[str]) -> list[Any
 def ledger_by_remote(store: Store, partner_id: str, rtype: Optional[str], remote_id: Optional[str]) -> Optional[Any]:
     if not rtype or not remote_id:
         return None
-    with store.engine.connect() as conn:
+    with store.reader.connect() as conn:
         return conn.execute(select(ledger).where(ledger.c.partner_id == partner_id, ledger.c.resource_type == rtype,
                                                  ledger.c.remote_id == remote_id)).first()
 
 
 def save_ledger(store: Store, partner_id: str, case_id: str, rtype: str, local_id: str, remote_id: str,
                 remote_version: Optional[str], digest: Optional[str], body: Optional[dict],
-                ours: bool = False) -> Any:
+                ours: bool = False, conn: Optional[Connection] = None) -> Any:
     """Record what the partner holds; with ``ours``, the version is one we wrote (so a pull that reads
-    it back, even after we wrote again, knows it for an echo and not for the partner's change)."""
+    it back, even after we wrote again, knows it for an echo and not for the partner's change). In
+    ``conn``'s transaction when given (several rows, one write)."""
     values = dict(remote_id=remote_id, remote_version=remote_version, sent_hash=digest, sent=body, case_id=case_id,
                   updated_at=now())
     key = and_(ledger.c.partner_id == partner_id, ledger.c.resource_type == rtype, ledger.c.local_id == local_id)
-    with store.engine.begin() as conn:
+    with (nullcontext(conn) if conn is not None else store.engine.begin()) as conn:
         current = conn.execute(select(ledger.c.written_versions).where(key)).first()
         written = list((current.written_versions or []) if current is not None else [])
         if ours and remote_version and remote_version not in written:
@@ -89,7 +92,7 @@ def withdraw_attempts(store: Store, partner_id: str, before: dict) -> None:
 
 # -- sync state, conflicts, dead letters ---------------------------------------------------------
 def state_of(store: Store, case_id: str, partner_id: str) -> Optional[Any]:
-    with store.engine.connect() as conn:
+    with store.reader.connect() as conn:
         return conn.execute(select(sync_state).where(sync_state.c.case_id == case_id,
                                                      sync_state.c.partner_id == partner_id)).first()
 
@@ -132,7 +135,7 @@ def record_failure(store: Store, partner_id: str, case_id: Optional[str], versio
 # -- the case ------------------------------------------------------------------------------------
 def current_case(store: Store, case_id: str) -> StoredCase:
     """The case's latest version, whichever organization holds it."""
-    with store.engine.connect() as conn:
+    with store.reader.connect() as conn:
         row = conn.execute(select(cases.c.organization_id).where(cases.c.id == case_id)).first()
     if row is None:
         raise NotFound(f"no case {case_id}")

@@ -106,7 +106,7 @@ def notified_references(payload: dict) -> list[str]:
 
 
 def partners_to_pull(store: Store, at: dt.datetime) -> list[str]:
-    with store.engine.connect() as conn:
+    with store.reader.connect() as conn:
         rows = conn.execute(select(partners.c.id, partners.c.last_pull_at, partners.c.pull_every_minutes)
                             .where(partners.c.active.is_(True), partners.c.direction != "push")).all()
     due = []

@@ -100,10 +100,21 @@ def _push_case(store: Store, case_id: str, partner_id: str, version: int, endpoi
     except ConflictRecorded as conflict:
         update_state(store, case_id, partner_id, status="conflict", last_error=str(conflict))
         return result
-    update_state(store, case_id, partner_id, status="synced", synced_version=stored.version, last_error=None)
+    stamp = now()
     with store.engine.begin() as conn:
-        conn.execute(update(partners).where(partners.c.id == partner_id).values(last_success_at=now()))
+        set_state(conn, case_id, partner_id, status="synced", synced_version=stored.version, last_error=None)
+        if _stale(partner.last_success_at, stamp):  # not a write of the partner's row for every case
+            conn.execute(update(partners).where(partners.c.id == partner_id).values(last_success_at=stamp))
     return result
+
+
+def _stale(last_success_at: Any, stamp: dt.datetime) -> bool:
+    """Whether the partner's last success is worth writing again: it is shown to the second."""
+    if last_success_at is None:
+        return True
+    if last_success_at.tzinfo is None:  # SQLite gives stamps back without their zone; all are UTC
+        last_success_at = last_success_at.replace(tzinfo=dt.timezone.utc)
+    return stamp - last_success_at >= dt.timedelta(seconds=1)
 
 
 def _to_write(store: Store, partner: Any, case: Case, resources: list[dict], writable: set[str], endpoint: Any,
