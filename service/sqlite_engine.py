@@ -45,6 +45,9 @@ def sqlite_engine(url: str, readonly_option: str) -> Engine:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
+        # pages read through a memory map, not copied in by a read call each time: every write
+        # elsewhere empties a connection's own page cache, so a busy database is read again and again
+        cursor.execute("PRAGMA mmap_size=4294967296")
         if path is not None:
             cursor.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer's job
             if fcntl is not None:

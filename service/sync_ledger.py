@@ -5,6 +5,7 @@ letters; and the case a push or a pull works on.
 """
 from __future__ import annotations
 
+from collections import namedtuple
 from contextlib import nullcontext
 
 from typing import Any, Optional
@@ -43,6 +44,10 @@ def ledger_by_remote(store: Store, partner_id: str, rtype: Optional[str], remote
                                                  ledger.c.remote_id == remote_id)).first()
 
 
+#: a ledger row as ``save_ledger`` leaves it (what a read of the row would give)
+LedgerRow = namedtuple("LedgerRow", [column.name for column in ledger.columns])
+
+
 def save_ledger(store: Store, partner_id: str, case_id: str, rtype: str, local_id: str, remote_id: str,
                 remote_version: Optional[str], digest: Optional[str], body: Optional[dict],
                 ours: bool = False, conn: Optional[Connection] = None) -> Any:
@@ -53,7 +58,7 @@ def save_ledger(store: Store, partner_id: str, case_id: str, rtype: str, local_i
                   updated_at=now())
     key = and_(ledger.c.partner_id == partner_id, ledger.c.resource_type == rtype, ledger.c.local_id == local_id)
     with (nullcontext(conn) if conn is not None else store.engine.begin()) as conn:
-        current = conn.execute(select(ledger.c.written_versions).where(key)).first()
+        current = conn.execute(select(ledger).where(key)).first()
         written = list((current.written_versions or []) if current is not None else [])
         if ours and remote_version and remote_version not in written:
             written = (written + [remote_version])[-WRITTEN_VERSIONS_KEPT:]
@@ -62,7 +67,8 @@ def save_ledger(store: Store, partner_id: str, case_id: str, rtype: str, local_i
             conn.execute(insert(ledger).values(partner_id=partner_id, resource_type=rtype, local_id=local_id, **values))
         else:
             conn.execute(update(ledger).where(key).values(**values))
-        return conn.execute(select(ledger).where(key)).first()
+    before = current._asdict() if current is not None else dict.fromkeys(LedgerRow._fields)
+    return LedgerRow(**{**before, **values, "partner_id": partner_id, "resource_type": rtype, "local_id": local_id})
 
 
 def note_attempt(store: Store, partner_id: str, rtype: str, local_id: str, body: dict) -> Optional[list]:

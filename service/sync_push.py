@@ -49,12 +49,13 @@ def push_case(store: Store, case_id: str, partner_id: str, version: int, endpoin
 def _take_lease(store: Store, case_id: str, partner_id: str) -> str:
     token, stamp = uuid.uuid4().hex, now()
     key = and_(sync_state.c.case_id == case_id, sync_state.c.partner_id == partner_id)
+    lease = dict(lease=token, lease_until=stamp + dt.timedelta(seconds=LEASE_SECONDS))
     with store.engine.begin() as conn:
-        if conn.execute(select(sync_state.c.case_id).where(key)).first() is None:
-            set_state(conn, case_id, partner_id, status="pending")
         taken = conn.execute(update(sync_state).where(
-            key, or_(sync_state.c.lease_until.is_(None), sync_state.c.lease_until < stamp))
-            .values(lease=token, lease_until=stamp + dt.timedelta(seconds=LEASE_SECONDS))).rowcount
+            key, or_(sync_state.c.lease_until.is_(None), sync_state.c.lease_until < stamp)).values(**lease)).rowcount
+        if not taken and conn.execute(select(sync_state.c.case_id).where(key)).first() is None:
+            set_state(conn, case_id, partner_id, status="pending", **lease)  # no state yet: nobody holds it
+            taken = 1
     if not taken:
         raise CaseBusy("another push of this case to this partner is under way", retry_after=BUSY_RETRY_AFTER)
     return token
