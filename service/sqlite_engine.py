@@ -119,7 +119,8 @@ class WriterLock:
 
     def __init__(self, path: str):
         self.path = path
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._file = open(path, "ab")  # noqa: SIM115 - open as long as the connection; closed with it or when dropped
+        self._fd = self._file.fileno()
         self.held = False
 
     def acquire(self) -> None:
@@ -139,7 +140,7 @@ class WriterLock:
 
     def close(self) -> None:
         self.release()
-        os.close(self._fd)
+        self._file.close()
 
 
 class Checkpointer:

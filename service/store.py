@@ -10,6 +10,8 @@ transaction as the case, so a search never sees a case half saved. Schema change
 from __future__ import annotations
 
 import datetime as dt
+import os
+import threading
 from collections import namedtuple
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,6 +192,7 @@ class Store:
         self.reader = self.engine.execution_options(**{READONLY: True})
         self._hooks: list[tuple[Callable, Optional[Callable[[dict], Any]]]] = []
         self._raw: dict = {}  # statement -> compiled for this database (see ``lookup``)
+        self._readers = threading.local()  # on SQLite, each thread's connection for ``fetch``
 
     def add_save_hook(self, hook: Callable, prepare: Optional[Callable[[dict], Any]] = None) -> None:
         """Run ``hook(conn, stored)`` inside every case save's transaction, after the case is written.
@@ -215,6 +218,14 @@ class Store:
         prepared = self._raw.get(statement)
         if prepared is None:
             prepared = self._raw[statement] = _RawStatement(statement, self.engine.dialect)
+        if self.engine.dialect.name == "sqlite":
+            cursor = self._own_reader().cursor()  # a lone SELECT: SQLite reads it in a transaction of its own
+            try:
+                cursor.execute(prepared.sql, prepared.values(params))
+                rows = cursor.fetchall()
+            finally:
+                cursor.close()
+            return [prepared.row(values) for values in rows]
         fairy = self.engine.raw_connection()
         try:
             cursor = fairy.cursor()
@@ -226,6 +237,16 @@ class Store:
         finally:
             fairy.close()  # back to the pool, which ends any transaction the driver opened
         return [prepared.row(values) for values in rows]
+
+    def _own_reader(self):
+        """This thread's own SQLite connection for ``fetch``, kept open: taking one from the pool and
+        handing it back (with its reset) cost more than the queries every request makes."""
+        own = self._readers
+        if getattr(own, "pid", None) != os.getpid():  # new in this thread, or this process was forked
+            fairy = self.engine.raw_connection()
+            fairy.detach()  # the pool's connection no more: this thread's, closed when the store goes
+            own.connection, own.pid = fairy.dbapi_connection, os.getpid()
+        return own.connection
 
     def lookup(self, statement, params: dict):
         """The first row ``fetch`` gives, or None."""
