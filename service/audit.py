@@ -94,11 +94,12 @@ def init_app(app) -> None:
 class AuditWriter:
     """Writes audit rows in batches from a background thread, so a read does not wait for a write
     (and, on SQLite, for the database's one write lock). Rows are written within ``interval``
-    seconds, at exit, and before anything reads the trail (``flush``)."""
+    seconds, at exit, and before anything reads the trail (``flush``). Each write also makes every
+    other connection read its pages again, so it comes a few times a second, not more."""
 
-    RETRIES = 20  # a second of tries at the default interval: then the rows are dropped, loudly
+    RETRIES = 20  # five seconds of tries at the default interval: then the rows are dropped, loudly
 
-    def __init__(self, store: Store, interval: float = 0.05, batch: int = 500):
+    def __init__(self, store: Store, interval: float = 0.25, batch: int = 500):
         import atexit
         import threading
 
