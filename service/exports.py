@@ -18,7 +18,7 @@ import orjson
 
 from mappings.export import DEFAULT_BASE_URL, case_bundle
 from service import schemas
-from service.store import StoredCase
+from service.store import StoredCase, aware
 
 MAX_ENTRIES = 4096  # bundles and resource maps
 
@@ -72,9 +72,7 @@ def resources_of(stored: StoredCase) -> dict[tuple[str, str], dict]:
 
 def _key(organization_id: str, case_id: str, version: int, updated_at: dt.datetime, kind: str, base_url: str) -> tuple:
     # the time stamp tells apart same-numbered versions of same-named cases in different databases
-    if updated_at.tzinfo is None:  # SQLite gives stamps back without their zone; all are UTC
-        updated_at = updated_at.replace(tzinfo=dt.timezone.utc)
-    return organization_id, case_id, version, updated_at, kind, base_url
+    return organization_id, case_id, version, aware(updated_at), kind, base_url
 
 
 def _get(key: tuple):

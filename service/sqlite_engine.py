@@ -77,25 +77,27 @@ def sqlite_engine(url: str, readonly_option: str) -> Engine:
     def _commit(conn: Connection) -> None:
         # The event comes before the driver's commit: commit here, so that the next writer is woken
         # only once the database is free (the driver's own commit, after, finds nothing to do).
-        lock = conn.connection.info.get(_WRITER_LOCK)
-        if lock is not None and lock.held:
-            try:
-                conn.connection.driver_connection.commit()
-            finally:
-                lock.release()
-            if checkpointer is not None:
-                checkpointer.written()
+        if _end_write(conn, "commit") and checkpointer is not None:
+            checkpointer.written()
 
     @event.listens_for(engine, "rollback")
     def _rollback(conn: Connection) -> None:
-        lock = conn.connection.info.get(_WRITER_LOCK)
-        if lock is not None and lock.held:
-            try:
-                conn.connection.driver_connection.rollback()
-            finally:
-                lock.release()
+        _end_write(conn, "rollback")
 
     return engine
+
+
+def _end_write(conn: Connection, how: str) -> bool:
+    """Commit or roll back a write transaction through the driver, then let the next writer in;
+    False when ``conn`` holds no writer's lock (a read, or a database without one)."""
+    lock = conn.connection.info.get(_WRITER_LOCK)
+    if lock is None or not lock.held:
+        return False
+    try:
+        getattr(conn.connection.driver_connection, how)()
+    finally:
+        lock.release()
+    return True
 
 
 def _database_file(engine: Engine) -> Optional[str]:

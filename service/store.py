@@ -218,25 +218,13 @@ class Store:
         prepared = self._raw.get(statement)
         if prepared is None:
             prepared = self._raw[statement] = _RawStatement(statement, self.engine.dialect)
-        if self.engine.dialect.name == "sqlite":
-            cursor = self._own_reader().cursor()  # a lone SELECT: SQLite reads it in a transaction of its own
-            try:
-                cursor.execute(prepared.sql, prepared.values(params))
-                rows = cursor.fetchall()
-            finally:
-                cursor.close()
-            return [prepared.row(values) for values in rows]
+        if self.engine.dialect.name == "sqlite":  # a lone SELECT: SQLite reads it in a transaction of its own
+            return _select(self._own_reader(), prepared, params)
         fairy = self.engine.raw_connection()
         try:
-            cursor = fairy.cursor()
-            try:
-                cursor.execute(prepared.sql, prepared.values(params))
-                rows = cursor.fetchall()
-            finally:
-                cursor.close()
+            return _select(fairy, prepared, params)
         finally:
             fairy.close()  # back to the pool, which ends any transaction the driver opened
-        return [prepared.row(values) for values in rows]
 
     def _own_reader(self):
         """This thread's own SQLite connection for ``fetch``, kept open: taking one from the pool and
@@ -313,7 +301,7 @@ class Store:
                                        "recorded_at": stamp, "action": "delete" if deleted else "update",
                                        "actor": actor, "data": text})
             created = c.execute(_CREATED_AT, {"id": case_id}).scalar()
-            stored = StoredCase(case_id, organization_id, expected_version + 1, deleted, _aware(created), stamp, data)
+            stored = StoredCase(case_id, organization_id, expected_version + 1, deleted, aware(created), stamp, data)
             self._after_save(c, stored, prepared)
             return stored
 
@@ -329,7 +317,7 @@ class Store:
         row = self.lookup(_CASE_STAMP, {"case_id": case_id, "organization_id": organization_id})
         if row is None:
             raise NotFound(f"no case {case_id}")
-        return row.version, _aware(row.updated_at)
+        return row.version, aware(row.updated_at)
 
     def get_version(self, organization_id: str, case_id: str, version: int) -> StoredCase:
         with self.reader.connect() as c:
@@ -418,8 +406,18 @@ class Store:
 
     @staticmethod
     def _row(row: Any) -> StoredCase:
-        return StoredCase(row.id, row.organization_id, row.version, row.deleted, _aware(row.created_at),
-                          _aware(row.updated_at), orjson.loads(row.data))
+        return StoredCase(row.id, row.organization_id, row.version, row.deleted, aware(row.created_at),
+                          aware(row.updated_at), orjson.loads(row.data))
+
+
+def _select(connection, prepared: "_RawStatement", params: dict) -> list:
+    cursor = connection.cursor()
+    try:
+        cursor.execute(prepared.sql, prepared.values(params))
+        rows = cursor.fetchall()
+    finally:
+        cursor.close()
+    return [prepared.row(values) for values in rows]
 
 
 _RAW_WRITES: dict = {}  # (statement, dialect name) -> _RawStatement
@@ -505,11 +503,11 @@ def _dump(data: dict) -> str:
     return orjson.dumps(data).decode()
 
 
-def _aware(stamp: dt.datetime) -> dt.datetime:
+def aware(stamp: dt.datetime) -> dt.datetime:
     """SQLite gives naive datetimes back; every stamp here is UTC."""
     return stamp if stamp.tzinfo else stamp.replace(tzinfo=dt.timezone.utc)
 
 
-__all__ = ["Store", "StoredCase", "metadata", "cases", "case_versions", "client_identifiers", "fhir_resources",
+__all__ = ["Store", "StoredCase", "aware", "metadata", "cases", "case_versions", "client_identifiers", "fhir_resources",
            "fhir_tokens", "create_keys", "api_keys", "audit_events", "now", "func", "Sequence", "Iterable",
            "UniqueConstraint", "JSON"]

@@ -17,7 +17,7 @@ from mappings.export import case_resources
 from service import schemas
 from service.domain import Case, shareable
 from service.partners import check_capabilities, partner_row
-from service.store import Store, now
+from service.store import Store, aware, now
 from service.sync_bundled_writes import push_bundled
 from service.sync_ledger import current_case, ledger_rows, save_ledger, set_state, state_of, update_state
 from service.sync_outbox import shared_with
@@ -111,11 +111,7 @@ def _push_case(store: Store, case_id: str, partner_id: str, version: int, endpoi
 
 def _stale(last_success_at: Any, stamp: dt.datetime) -> bool:
     """Whether the partner's last success is worth writing again: it is shown to the second."""
-    if last_success_at is None:
-        return True
-    if last_success_at.tzinfo is None:  # SQLite gives stamps back without their zone; all are UTC
-        last_success_at = last_success_at.replace(tzinfo=dt.timezone.utc)
-    return stamp - last_success_at >= dt.timedelta(seconds=1)
+    return last_success_at is None or stamp - aware(last_success_at) >= dt.timedelta(seconds=1)
 
 
 def _to_write(store: Store, partner: Any, case: Case, resources: list[dict], writable: set[str], endpoint: Any,

@@ -183,13 +183,19 @@ def test_a_new_goal_in_an_update_is_referred_to_by_its_placeholder(store):
     assert count(endpoint, "Goal") == len(stored.data["goals"]) + 1
 
 
-def test_a_stale_if_match_in_the_transaction_falls_back_and_merges(store):
-    endpoint = Recording()
+def _synced_goal(store, endpoint):
+    """A case pushed to the partner: (the stored case, its first goal's id, that goal at the partner)."""
     add_partner(store, endpoint)
     stored = save(store, case_json())
     sync.push_case(store, stored.id, "p1", stored.version, endpoint)
     local = stored.data["goals"][0]["id"]
     theirs = next(g for g in endpoint.all("Goal") if g["description"]["text"].startswith("Weighs himself"))
+    return stored, local, theirs
+
+
+def test_a_stale_if_match_in_the_transaction_falls_back_and_merges(store):
+    endpoint = Recording()
+    stored, local, theirs = _synced_goal(store, endpoint)
     endpoint.put({**theirs, "note": [{"text": "Discussed at the discharge huddle"}]})  # their edit: version 2
     changed = edit(store, stored.id, lambda d: next(g for g in d["goals"] if g["id"] == local)
                    .update(description="Weighs himself daily"))
@@ -206,11 +212,7 @@ def test_a_stale_if_match_in_the_transaction_falls_back_and_merges(store):
 
 def test_a_stale_if_match_on_an_element_both_changed_records_a_conflict(store):
     endpoint = Recording()
-    add_partner(store, endpoint)
-    stored = save(store, case_json())
-    sync.push_case(store, stored.id, "p1", stored.version, endpoint)
-    local = stored.data["goals"][0]["id"]
-    theirs = next(g for g in endpoint.all("Goal") if g["description"]["text"].startswith("Weighs himself"))
+    stored, local, theirs = _synced_goal(store, endpoint)
     endpoint.put({**theirs, "description": {"text": "Their wording"}})
     changed = edit(store, stored.id, lambda d: next(g for g in d["goals"] if g["id"] == local)
                    .update(description="Our wording"))
