@@ -126,7 +126,7 @@ class FhirRestEndpoint(PartnerEndpoint):
     ) -> None:
         self.base_url = base_url.rstrip("/") + "/"
         self.auth = auth or NoAuth()
-        self.session = session or requests.Session()
+        self.session = session or self._own_session(self.base_url)
         self.timeout = timeout
         self.quirks = dict(quirks or {})
         if isinstance(rate_limit, TokenBucket) or rate_limit is None:
@@ -138,6 +138,18 @@ class FhirRestEndpoint(PartnerEndpoint):
 
     def __repr__(self) -> str:
         return f"FhirRestEndpoint({self.base_url!r}, auth={self.auth!r})"
+
+    @staticmethod
+    def _own_session(base_url: str) -> requests.Session:
+        """A session with the environment's proxies and CA bundle for this partner read once. requests
+        would read them (and ~/.netrc, whose credentials must not replace ours) on every request, which
+        costs more than building the request."""
+        session = requests.Session()
+        settings = session.merge_environment_settings(base_url, {}, None, None, None)
+        session.proxies.update(settings["proxies"])
+        session.verify = settings["verify"]
+        session.trust_env = False
+        return session
 
     # --- the port ----------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import orjson
 from cryptography.fernet import Fernet, InvalidToken
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import bindparam, delete, insert, select, update
 
 from adapters import auth as partner_auth
 from adapters.base import Capabilities, route as plan_route
@@ -193,9 +193,13 @@ def auth_public(store: Store, partner_id: str) -> dict:
     return shown
 
 
+#: built once, as every push reads it; without what /metadata said (kept for the record, and large to decode)
+_PARTNER = select(*[c for c in partners.columns if c.name != "capabilities"]) \
+    .where(partners.c.id == bindparam("partner_id"))
+
+
 def _row(store: Store, partner_id: str) -> Any:
-    with store.reader.connect() as conn:
-        row = conn.execute(select(partners).where(partners.c.id == partner_id)).first()
+    row = store.lookup(_PARTNER, {"partner_id": partner_id})
     if row is None:
         raise NotFound(f"no partner {partner_id}")
     return row

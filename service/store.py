@@ -171,6 +171,7 @@ SaveHook = Callable[[Connection, StoredCase], None]
 
 _CASE_STAMP = select(cases.c.version, cases.c.updated_at).where(cases.c.id == bindparam("case_id"),
                                                                cases.c.organization_id == bindparam("organization_id"))
+_CASE_BY_ID = select(cases).where(cases.c.id == bindparam("case_id"))
 _CASE_ID = select(cases.c.id).where(cases.c.id == bindparam("id"))
 _CLAIMED = select(create_keys.c.case_id).where(create_keys.c.organization_id == bindparam("organization_id"),
                                               create_keys.c.key == bindparam("key"))
@@ -191,7 +192,6 @@ class Store:
         #: the same database for connections that only read: on SQLite they take no write lock
         self.reader = self.engine.execution_options(**{READONLY: True})
         self._hooks: list[tuple[Callable, Optional[Callable[[dict], Any]]]] = []
-        self._raw: dict = {}  # statement -> compiled for this database (see ``lookup``)
         self._readers = threading.local()  # on SQLite, each thread's connection for ``fetch``
 
     def add_save_hook(self, hook: Callable, prepare: Optional[Callable[[dict], Any]] = None) -> None:
@@ -215,9 +215,7 @@ class Store:
         For the queries every request makes (its API key, the version of the case it reads, a
         search page): SQLAlchemy's execution layer costs several times what such a query does.
         Its own read, in no larger transaction; the statement must have no expanding parameters."""
-        prepared = self._raw.get(statement)
-        if prepared is None:
-            prepared = self._raw[statement] = _RawStatement(statement, self.engine.dialect)
+        prepared = _prepared(statement, self.engine.dialect)
         if self.engine.dialect.name == "sqlite":  # a lone SELECT: SQLite reads it in a transaction of its own
             return _select(self._own_reader(), prepared, params)
         fairy = self.engine.raw_connection()
@@ -311,6 +309,13 @@ class Store:
         if current is None:
             raise NotFound(f"no case {case_id}")
         return current
+
+    def current_case(self, case_id: str) -> StoredCase:
+        """A case's latest version, whichever organization holds it (for sync, which works across them)."""
+        row = self.lookup(_CASE_BY_ID, {"case_id": case_id})
+        if row is None:
+            raise NotFound(f"no case {case_id}")
+        return self._row(row)
 
     def case_stamp(self, organization_id: str, case_id: str) -> tuple[int, dt.datetime]:
         """The current version of a case and when it was written, without reading the record."""
@@ -420,29 +425,42 @@ def _select(connection, prepared: "_RawStatement", params: dict) -> list:
     return [prepared.row(values) for values in rows]
 
 
-_RAW_WRITES: dict = {}  # (statement, dialect name) -> _RawStatement
+_PREPARED: dict = {}  # (statement, dialect name) -> _RawStatement
 
 
-def write(conn: Connection, statement, params) -> None:
+def _prepared(statement, dialect) -> "_RawStatement":
+    prepared = _PREPARED.get((statement, dialect.name))
+    if prepared is None:
+        prepared = _PREPARED[(statement, dialect.name)] = _RawStatement(statement, dialect)
+    return prepared
+
+
+def write(conn: Connection, statement, params) -> int:
     """Run a prebuilt INSERT, UPDATE or DELETE with ``params`` (a dict, or a list of them for one
-    row each) inside ``conn``'s transaction. On SQLite it goes straight to the driver: these run
-    while the database's one write lock is held, so SQLAlchemy's own cost per statement delays every
-    other writer. Elsewhere SQLAlchemy runs it (it batches many rows into one round trip)."""
+    row each) inside ``conn``'s transaction; returns how many rows it touched. On SQLite it goes
+    straight to the driver: these run while the database's one write lock is held, so SQLAlchemy's
+    own cost per statement delays every other writer. Elsewhere SQLAlchemy runs it (it batches many
+    rows into one round trip)."""
     dialect = conn.dialect
     if dialect.name != "sqlite":
-        conn.execute(statement, params)
-        return
-    prepared = _RAW_WRITES.get((statement, dialect.name))
-    if prepared is None:
-        prepared = _RAW_WRITES[(statement, dialect.name)] = _RawStatement(statement, dialect)
+        return conn.execute(statement, params).rowcount
+    prepared = _prepared(statement, dialect)
     cursor = conn.connection.driver_connection.cursor()
     try:
         if isinstance(params, list):
             cursor.executemany(prepared.sql, [prepared.values(p) for p in params])
         else:
             cursor.execute(prepared.sql, prepared.values(params))
+        return cursor.rowcount
     finally:
         cursor.close()
+
+
+def read(conn: Connection, statement, params: dict) -> list:
+    """The rows of a prebuilt SELECT inside ``conn``'s transaction, as ``Store.fetch`` gives them."""
+    if conn.dialect.name != "sqlite":
+        return conn.execute(statement, params).all()
+    return _select(conn.connection.driver_connection, _prepared(statement, conn.dialect), params)
 
 
 class _RawStatement:
@@ -454,6 +472,12 @@ class _RawStatement:
         self.positions = compiled.positiontup if compiled.positional else None
         binds = compiled.binds
         self.defaults = {name: bind.effective_value for name, bind in binds.items() if not bind.required}
+        filled = [(c, c.default) for c in getattr(compiled, "insert_prefetch", ())] + \
+            [(c, c.onupdate) for c in getattr(compiled, "update_prefetch", ())]
+        for column, default in filled:  # a column default SQLAlchemy's execution would fill in
+            if default is None or not default.is_scalar:
+                raise ValueError(f"{column}: only scalar column defaults can be filled in without SQLAlchemy")
+            self.defaults[column.key] = default.arg
         self.converters = {name: convert for name, convert in (
             (name, bind.type.dialect_impl(dialect).bind_processor(dialect)) for name, bind in binds.items())
             if convert is not None}

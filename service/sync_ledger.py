@@ -7,14 +7,13 @@ from __future__ import annotations
 
 from collections import namedtuple
 from contextlib import nullcontext
-
+from functools import lru_cache
 from typing import Any, Optional
 
-from sqlalchemy import and_, insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.engine import Connection
 
-from service.errors import NotFound
-from service.store import Store, StoredCase, cases, now
+from service.store import Store, StoredCase, now, read, write
 from service.sync_store import conflicts, dead_letters, ledger, sync_state
 
 #: how many attempted bodies the ledger keeps per resource (a lost answer leaves its write unknown)
@@ -24,24 +23,48 @@ WRITTEN_VERSIONS_KEPT = 50
 
 
 # -- the identity ledger -------------------------------------------------------------------------
+# Statements are built once and run through ``store.fetch`` / ``read`` / ``write``: a push runs a
+# dozen of them, and building and executing each through SQLAlchemy cost more than the push's wait
+# for the partner.
+_LEDGER_KEY = (ledger.c.partner_id == bindparam("key_partner"), ledger.c.resource_type == bindparam("key_type"),
+               ledger.c.local_id == bindparam("key_local"))
+_LEDGER_ROW = select(ledger).where(*_LEDGER_KEY)
+_LEDGER_BY_REMOTE = select(ledger).where(ledger.c.partner_id == bindparam("key_partner"),
+                                         ledger.c.resource_type == bindparam("key_type"),
+                                         ledger.c.remote_id == bindparam("key_remote"))
+#: what ``save_ledger`` writes of a row (besides its key)
+_SAVED = ("remote_id", "remote_version", "sent_hash", "sent", "case_id", "updated_at", "written_versions")
+_LEDGER_INSERT = insert(ledger).values({c.name: bindparam(c.name) for c in ledger.columns if c.name != "attempts"})
+_LEDGER_SAVE = update(ledger).where(*_LEDGER_KEY).values({name: bindparam(name) for name in _SAVED})
+_LEDGER_ATTEMPTS = update(ledger).where(*_LEDGER_KEY).values(attempts=bindparam("attempts"))
+
+
+def _key(partner_id: str, rtype: str, local_id: str) -> dict:
+    return {"key_partner": partner_id, "key_type": rtype, "key_local": local_id}
+
+
+@lru_cache(maxsize=64)
+def _ledger_rows_of(count: int):
+    """The ledger rows of ``count`` local ids (bound as id0, id1, ...) at one partner."""
+    return select(ledger).where(ledger.c.partner_id == bindparam("key_partner"),
+                                ledger.c.local_id.in_([bindparam(f"id{i}") for i in range(count)]))
+
+
 def ledger_row(store: Store, partner_id: str, key: tuple[str, str]) -> Any:
-    with store.reader.connect() as conn:
-        return conn.execute(select(ledger).where(ledger.c.partner_id == partner_id, ledger.c.resource_type == key[0],
-                                                 ledger.c.local_id == key[1])).first()
+    return store.lookup(_LEDGER_ROW, _key(partner_id, *key))
 
 
 def ledger_rows(store: Store, partner_id: str, local_ids: list[str]) -> list[Any]:
-    with store.reader.connect() as conn:
-        return conn.execute(select(ledger).where(ledger.c.partner_id == partner_id,
-                                                 ledger.c.local_id.in_(local_ids))).all()
+    if not local_ids:
+        return []
+    return store.fetch(_ledger_rows_of(len(local_ids)),
+                       {"key_partner": partner_id, **{f"id{i}": local for i, local in enumerate(local_ids)}})
 
 
 def ledger_by_remote(store: Store, partner_id: str, rtype: Optional[str], remote_id: Optional[str]) -> Optional[Any]:
     if not rtype or not remote_id:
         return None
-    with store.reader.connect() as conn:
-        return conn.execute(select(ledger).where(ledger.c.partner_id == partner_id, ledger.c.resource_type == rtype,
-                                                 ledger.c.remote_id == remote_id)).first()
+    return store.lookup(_LEDGER_BY_REMOTE, {"key_partner": partner_id, "key_type": rtype, "key_remote": remote_id})
 
 
 #: a ledger row as ``save_ledger`` leaves it (what a read of the row would give)
@@ -56,17 +79,19 @@ def save_ledger(store: Store, partner_id: str, case_id: str, rtype: str, local_i
     ``conn``'s transaction when given (several rows, one write)."""
     values = dict(remote_id=remote_id, remote_version=remote_version, sent_hash=digest, sent=body, case_id=case_id,
                   updated_at=now())
-    key = and_(ledger.c.partner_id == partner_id, ledger.c.resource_type == rtype, ledger.c.local_id == local_id)
+    key = _key(partner_id, rtype, local_id)
     with (nullcontext(conn) if conn is not None else store.engine.begin()) as conn:
-        current = conn.execute(select(ledger).where(key)).first()
+        found = read(conn, _LEDGER_ROW, key)
+        current = found[0] if found else None
         written = list((current.written_versions or []) if current is not None else [])
         if ours and remote_version and remote_version not in written:
             written = (written + [remote_version])[-WRITTEN_VERSIONS_KEPT:]
         values["written_versions"] = written
         if current is None:
-            conn.execute(insert(ledger).values(partner_id=partner_id, resource_type=rtype, local_id=local_id, **values))
+            write(conn, _LEDGER_INSERT, {"partner_id": partner_id, "resource_type": rtype, "local_id": local_id,
+                                         **values})
         else:
-            conn.execute(update(ledger).where(key).values(**values))
+            write(conn, _LEDGER_SAVE, {**key, **values})
     before = current._asdict() if current is not None else dict.fromkeys(LedgerRow._fields)
     return LedgerRow(**{**before, **values, "partner_id": partner_id, "resource_type": rtype, "local_id": local_id})
 
@@ -75,14 +100,15 @@ def note_attempt(store: Store, partner_id: str, rtype: str, local_id: str, body:
     """Remember a body before sending it: if the answer is lost, the partner may hold it without our
     knowing its version, and it must not later look like the partner's own change. Returns the bodies
     remembered before (``None`` without a ledger row)."""
-    key = and_(ledger.c.partner_id == partner_id, ledger.c.resource_type == rtype, ledger.c.local_id == local_id)
+    key = _key(partner_id, rtype, local_id)
     with store.engine.begin() as conn:
-        row = conn.execute(select(ledger.c.attempts).where(key)).first()
-        if row is None:
+        found = read(conn, _LEDGER_ROW, key)
+        if not found:
             return None
-        attempts = [a for a in (row.attempts or []) if a != body][-(ATTEMPTS_KEPT - 1):] + [body]
-        conn.execute(update(ledger).where(key).values(attempts=attempts))
-        return list(row.attempts or [])
+        before = found[0].attempts or []
+        attempts = [a for a in before if a != body][-(ATTEMPTS_KEPT - 1):] + [body]
+        write(conn, _LEDGER_ATTEMPTS, {**key, "attempts": attempts})
+        return list(before)
 
 
 def withdraw_attempts(store: Store, partner_id: str, before: dict) -> None:
@@ -91,24 +117,41 @@ def withdraw_attempts(store: Store, partner_id: str, before: dict) -> None:
     if not before:
         return
     with store.engine.begin() as conn:
-        for (rtype, local_id), attempts in before.items():
-            conn.execute(update(ledger).where(ledger.c.partner_id == partner_id, ledger.c.resource_type == rtype,
-                                              ledger.c.local_id == local_id).values(attempts=attempts))
+        write(conn, _LEDGER_ATTEMPTS, [{**_key(partner_id, rtype, local_id), "attempts": attempts}
+                                       for (rtype, local_id), attempts in before.items()])
 
 
 # -- sync state, conflicts, dead letters ---------------------------------------------------------
-def state_of(store: Store, case_id: str, partner_id: str) -> Optional[Any]:
-    with store.reader.connect() as conn:
-        return conn.execute(select(sync_state).where(sync_state.c.case_id == case_id,
-                                                     sync_state.c.partner_id == partner_id)).first()
+#: a case's sync state at a partner, bound as key_case and key_partner
+STATE_KEY = (sync_state.c.case_id == bindparam("key_case"), sync_state.c.partner_id == bindparam("key_partner"))
+_STATE_OF = select(sync_state).where(*STATE_KEY)
+
+
+@lru_cache(maxsize=64)
+def _state_update(names: tuple[str, ...]):
+    return update(sync_state).where(*STATE_KEY).values({name: bindparam(name) for name in names})
+
+
+@lru_cache(maxsize=64)
+def _state_insert(names: tuple[str, ...]):
+    return insert(sync_state).values({name: bindparam(name) for name in names})
+
+
+def state_of(store: Store, case_id: str, partner_id: str, conn: Optional[Connection] = None) -> Optional[Any]:
+    """The case's sync state at the partner (in ``conn``'s transaction when given)."""
+    key = {"key_case": case_id, "key_partner": partner_id}
+    if conn is None:
+        return store.lookup(_STATE_OF, key)
+    found = read(conn, _STATE_OF, key)
+    return found[0] if found else None
 
 
 def set_state(conn: Connection, case_id: str, partner_id: str, **values: Any) -> None:
     values["updated_at"] = now()
-    key = and_(sync_state.c.case_id == case_id, sync_state.c.partner_id == partner_id)
-    if conn.execute(update(sync_state).where(key).values(**values)).rowcount == 0:
-        conn.execute(insert(sync_state).values(case_id=case_id, partner_id=partner_id,
-                                               **{"status": "pending", **values}))
+    if write(conn, _state_update(tuple(sorted(values))), {**values, "key_case": case_id, "key_partner": partner_id}):
+        return
+    row = {"status": "pending", **values, "case_id": case_id, "partner_id": partner_id}
+    write(conn, _state_insert(tuple(sorted(row))), row)
 
 
 def update_state(store: Store, case_id: str, partner_id: str, **values: Any) -> None:
@@ -141,8 +184,4 @@ def record_failure(store: Store, partner_id: str, case_id: Optional[str], versio
 # -- the case ------------------------------------------------------------------------------------
 def current_case(store: Store, case_id: str) -> StoredCase:
     """The case's latest version, whichever organization holds it."""
-    with store.reader.connect() as conn:
-        row = conn.execute(select(cases.c.organization_id).where(cases.c.id == case_id)).first()
-    if row is None:
-        raise NotFound(f"no case {case_id}")
-    return store.get_case(row.organization_id, case_id)
+    return store.current_case(case_id)

@@ -10,16 +10,17 @@ import datetime as dt
 import uuid
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import bindparam, or_, update
+from sqlalchemy.engine import Connection
 
 from adapters.errors import PermanentError, TransientError
 from mappings.export import case_resources
 from service import schemas
 from service.domain import Case, shareable
 from service.partners import check_capabilities, partner_row
-from service.store import Store, aware, now
+from service.store import Store, aware, now, write
 from service.sync_bundled_writes import push_bundled
-from service.sync_ledger import current_case, ledger_rows, save_ledger, set_state, state_of, update_state
+from service.sync_ledger import STATE_KEY, current_case, ledger_rows, save_ledger, set_state, state_of, update_state
 from service.sync_outbox import shared_with
 from service.sync_outgoing import ordered
 from service.sync_single_writes import ConflictRecorded, PushResult, push_one
@@ -40,20 +41,32 @@ def push_case(store: Store, case_id: str, partner_id: str, version: int, endpoin
     state), so two workers never both create the same resource at a partner without conditional
     create. A push that finds the case taken is retried later (``CaseBusy``, a ``TransientError``)."""
     lease = _take_lease(store, case_id, partner_id)
+    released = False
     try:
-        return _push_case(store, case_id, partner_id, version, endpoint)
+        result, released = _push_case(store, case_id, partner_id, version, endpoint, lease)
+        return result
     finally:
-        _release_lease(store, case_id, partner_id, lease)
+        if not released:
+            with store.engine.begin() as conn:
+                _release_lease(conn, case_id, partner_id, lease)
+
+
+_TAKE_LEASE = update(sync_state).where(
+    *STATE_KEY, or_(sync_state.c.lease_until.is_(None), sync_state.c.lease_until < bindparam("stamp"))) \
+    .values(lease=bindparam("lease"), lease_until=bindparam("lease_until"))
+_RELEASE_LEASE = update(sync_state).where(*STATE_KEY, sync_state.c.lease == bindparam("token")) \
+    .values(lease=None, lease_until=None)
+_PARTNER_SUCCESS = update(partners).where(partners.c.id == bindparam("key_partner")) \
+    .values(last_success_at=bindparam("stamp"))
 
 
 def _take_lease(store: Store, case_id: str, partner_id: str) -> str:
     token, stamp = uuid.uuid4().hex, now()
-    key = and_(sync_state.c.case_id == case_id, sync_state.c.partner_id == partner_id)
+    key = {"key_case": case_id, "key_partner": partner_id}
     lease = dict(lease=token, lease_until=stamp + dt.timedelta(seconds=LEASE_SECONDS))
     with store.engine.begin() as conn:
-        taken = conn.execute(update(sync_state).where(
-            key, or_(sync_state.c.lease_until.is_(None), sync_state.c.lease_until < stamp)).values(**lease)).rowcount
-        if not taken and conn.execute(select(sync_state.c.case_id).where(key)).first() is None:
+        taken = write(conn, _TAKE_LEASE, {**key, **lease, "stamp": stamp})
+        if not taken and state_of(store, case_id, partner_id, conn) is None:
             set_state(conn, case_id, partner_id, status="pending", **lease)  # no state yet: nobody holds it
             taken = 1
     if not taken:
@@ -61,21 +74,21 @@ def _take_lease(store: Store, case_id: str, partner_id: str) -> str:
     return token
 
 
-def _release_lease(store: Store, case_id: str, partner_id: str, token: str) -> None:
-    with store.engine.begin() as conn:
-        conn.execute(update(sync_state).where(sync_state.c.case_id == case_id, sync_state.c.partner_id == partner_id,
-                                              sync_state.c.lease == token).values(lease=None, lease_until=None))
+def _release_lease(conn: Connection, case_id: str, partner_id: str, token: str) -> None:
+    write(conn, _RELEASE_LEASE, {"key_case": case_id, "key_partner": partner_id, "token": token})
 
 
-def _push_case(store: Store, case_id: str, partner_id: str, version: int, endpoint: Any) -> PushResult:
+def _push_case(store: Store, case_id: str, partner_id: str, version: int, endpoint: Any,
+               lease: str) -> tuple[PushResult, bool]:
+    """The push, under ``lease``; and whether its last write gave the lease back."""
     partner = partner_row(store, partner_id)
     stored = current_case(store, case_id)
     state = state_of(store, case_id, partner_id)
     if state is not None and state.synced_version >= stored.version and state.status == "synced":
-        return PushResult(skipped="already synced")
+        return PushResult(skipped="already synced"), False
     if not shared_with(partner, stored.organization_id, stored.data) or stored.deleted:
         update_state(store, case_id, partner_id, status="synced", synced_version=stored.version)
-        return PushResult(skipped="not shared")
+        return PushResult(skipped="not shared"), False
     case = shareable(schemas.load_case(stored.data))
     if partner.route is None:  # not yet read the partner's /metadata: do it now
         check_capabilities(store, partner_id, endpoint)
@@ -83,9 +96,9 @@ def _push_case(store: Store, case_id: str, partner_id: str, version: int, endpoi
     writable = set(partner.route.get("writable") or ())
     if not writable:
         update_state(store, case_id, partner_id, status="synced", synced_version=stored.version)
-        return PushResult(skipped="pull only: the partner takes no writes")
+        return PushResult(skipped="pull only: the partner takes no writes"), False
     if partner.kind == "payer" and not _member_matched(store, partner, case, endpoint):
-        return PushResult(skipped="member not matched")
+        return PushResult(skipped="member not matched"), False
     result = PushResult()
     resources = ordered(case_resources(case))
     known = ledger_rows(store, partner_id, [r["id"] for r in resources])
@@ -100,13 +113,14 @@ def _push_case(store: Store, case_id: str, partner_id: str, version: int, endpoi
                 push_one(store, partner, case_id, resource, endpoint, by_local, result)
     except ConflictRecorded as conflict:
         update_state(store, case_id, partner_id, status="conflict", last_error=str(conflict))
-        return result
+        return result, False
     stamp = now()
-    with store.engine.begin() as conn:
+    with store.engine.begin() as conn:  # the case synced, and the lease given back: one write
         set_state(conn, case_id, partner_id, status="synced", synced_version=stored.version, last_error=None)
+        _release_lease(conn, case_id, partner_id, lease)
         if _stale(partner.last_success_at, stamp):  # not a write of the partner's row for every case
-            conn.execute(update(partners).where(partners.c.id == partner_id).values(last_success_at=stamp))
-    return result
+            write(conn, _PARTNER_SUCCESS, {"key_partner": partner_id, "stamp": stamp})
+    return result, True
 
 
 def _stale(last_success_at: Any, stamp: dt.datetime) -> bool:

@@ -13,6 +13,7 @@ import datetime as dt
 import math
 import os
 import random
+from typing import NamedTuple
 
 from celery import shared_task
 
@@ -40,30 +41,59 @@ def _store():
     return runtime().store
 
 
+class NextTry(NamedTuple):
+    """A push to try again: after ``countdown`` seconds, with its counts of busy and of failed tries."""
+    countdown: float
+    busy_retries: int
+    exc: Exception
+
+
+def _push_once(store, case_id: str, partner_id: str, version: int, retries: int, busy_retries: int) -> NextTry | None:
+    """One try of a push. ``retries``: the tries before this one; ``busy_retries``: how many of them found
+    the case held by another push, so the failed ones are the rest. Returns the next try, or ``None``
+    when there is none (pushed, or a dead letter)."""
+    try:
+        sync_push.push_case(store, case_id, partner_id, version, registry.endpoint_for(store, partner_id))
+    except sync_push.CaseBusy as busy:  # waiting for another push of the case is not a failed attempt
+        if busy_retries >= BUSY_RETRIES:
+            sync_ledger.record_failure(store, partner_id, case_id, version, "push", busy)
+            return None
+        return NextTry(busy.retry_after or sync_push.BUSY_RETRY_AFTER, busy_retries + 1, busy)
+    except TransientError as error:
+        failures = retries - busy_retries
+        if failures >= MAX_RETRIES:
+            sync_ledger.record_failure(store, partner_id, case_id, version, "push", error)
+            return None
+        return NextTry(backoff(failures, error.retry_after), busy_retries, error)
+    except (PermanentError, AuthError) as error:
+        sync_ledger.record_failure(store, partner_id, case_id, version, "push", error)
+    return None
+
+
 @shared_task(bind=True, name="casebridge.push_case", acks_late=True, reject_on_worker_lost=True,
              max_retries=MAX_RETRIES + BUSY_RETRIES, ignore_result=True)
 def push_case(self, case_id: str, partner_id: str, version: int, busy_retries: int = 0) -> None:
     """``busy_retries``: how many of the retries so far found the case held by another push. Celery
     counts every retry in ``request.retries`` (and its ``max_retries`` is only a backstop above both
     bounds), so the transient failures are those retries less the busy ones."""
+    again = _push_once(_store(), case_id, partner_id, version, self.request.retries, busy_retries)
+    if again is not None:
+        raise self.retry(args=(case_id, partner_id, version), kwargs={"busy_retries": again.busy_retries},
+                         exc=again.exc, countdown=again.countdown)
+
+
+@shared_task(name="casebridge.push_cases", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def push_cases(partner_id: str, items: list[tuple[str, int]]) -> None:
+    """Push several cases to one partner, as the dispatcher hands them out ((case id, version) pairs).
+    A case to try again goes on alone, as a ``push_case`` retry with its counts, so one slow or
+    failing case never holds the others back twice; a batch redelivered after its worker died pushes
+    again what it had pushed, which writes nothing."""
     store = _store()
-    try:
-        sync_push.push_case(store, case_id, partner_id, version, registry.endpoint_for(store, partner_id))
-    except sync_push.CaseBusy as busy:  # waiting for another push of the case is not a failed attempt
-        if busy_retries >= BUSY_RETRIES:
-            sync_ledger.record_failure(store, partner_id, case_id, version, "push", busy)
-            return
-        raise self.retry(args=(case_id, partner_id, version), kwargs={"busy_retries": busy_retries + 1}, exc=busy,
-                         countdown=busy.retry_after or sync_push.BUSY_RETRY_AFTER)
-    except TransientError as error:
-        failures = self.request.retries - busy_retries
-        if failures >= MAX_RETRIES:
-            sync_ledger.record_failure(store, partner_id, case_id, version, "push", error)
-            return
-        raise self.retry(args=(case_id, partner_id, version), kwargs={"busy_retries": busy_retries}, exc=error,
-                         countdown=backoff(failures, error.retry_after))
-    except (PermanentError, AuthError) as error:
-        sync_ledger.record_failure(store, partner_id, case_id, version, "push", error)
+    for case_id, version in items:
+        again = _push_once(store, case_id, partner_id, version, 0, 0)
+        if again is not None:
+            push_case.apply_async(args=(case_id, partner_id, version), kwargs={"busy_retries": again.busy_retries},
+                                  countdown=again.countdown, retries=1)
 
 
 @shared_task(bind=True, name="casebridge.pull_partner", acks_late=True, reject_on_worker_lost=True,
@@ -95,7 +125,7 @@ def notify(self, partner_id: str, references: list[str]) -> None:
 
 @shared_task(name="casebridge.dispatch_outbox", ignore_result=True)
 def dispatch_outbox() -> int:
-    return sync_outbox.dispatch(_store(), push_case.delay)
+    return sync_outbox.dispatch(_store(), push_cases.delay)
 
 
 @shared_task(name="casebridge.pull_due_partners", ignore_result=True)

@@ -429,3 +429,15 @@ def test_errors_take_a_message_or_status_first():
     assert TransientError(503, None, "busy", retry_after=3).retry_after == 3
     with pytest.raises(TypeError):
         PermanentError()
+
+
+def test_the_environment_proxy_is_read_once_when_the_endpoint_is_built(monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example.org:3128")
+    monkeypatch.setenv("NO_PROXY", "internal.example.org")
+    proxied = FhirRestEndpoint(BASE)
+    direct = FhirRestEndpoint("https://internal.example.org/fhir")
+    monkeypatch.setenv("HTTPS_PROXY", "http://elsewhere.example.org:3128")  # read once: no effect now
+
+    assert proxied.session.proxies.get("https") == "http://proxy.example.org:3128"
+    assert "https" not in direct.session.proxies  # the partner's host is on NO_PROXY
+    assert not proxied.session.trust_env  # requests does not read the environment again per request

@@ -70,7 +70,7 @@ def test_a_case_save_writes_an_outbox_row_and_dispatch_enqueues_it_once(store):
     edit(store, stored.id, lambda d: d.update(title="Discharge plan, revised"))
     enqueued = []
     assert sync.dispatch(store, lambda *args: enqueued.append(args)) == 1
-    assert enqueued == [(stored.id, "p1", 2)]  # two versions waiting: one push of the newest
+    assert enqueued == [("p1", [(stored.id, 2)])]  # two versions waiting: one push of the newest
     assert sync.dispatch(store, lambda *args: enqueued.append(args)) == 0
     assert state(store, stored.id).status == "pending"
 

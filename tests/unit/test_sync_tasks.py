@@ -125,3 +125,16 @@ def test_a_lease_that_never_runs_out_ends_in_a_dead_letter_not_a_lost_update(sto
     [letter] = letters(store)
     assert (letter.operation, letter.case_id, letter.status) == ("push", stored.id, None)
     assert "another push" in letter.error
+
+
+def test_each_case_of_a_batch_that_fails_is_retried_alone_with_the_same_bound(store, unavailable_partner):
+    first, second = save(store, case_json()), save(store, case_json(id="case-2", client={"id": "client-2"}))
+
+    with retries_seen() as seen:
+        assert tasks.push_cases.apply(args=("p1", [(first.id, first.version), (second.id, second.version)])).successful()
+
+    # each case: its try in the batch, then MAX_RETRIES more as a push_case of its own (the batch's try
+    # counts as the first failure, so the retries raised are one fewer)
+    assert len(unavailable_partner.calls) == 2 * (tasks.MAX_RETRIES + 1)
+    assert len(seen) == 2 * (tasks.MAX_RETRIES - 1) and all(e.status == 503 for e in seen)
+    assert sorted((letter.case_id, letter.status) for letter in letters(store)) == sorted([(first.id, 503), (second.id, 503)])
