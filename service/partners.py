@@ -19,7 +19,7 @@ from sqlalchemy import bindparam, delete, insert, select, update
 from adapters import auth as partner_auth
 from adapters.base import Capabilities, route as plan_route
 from adapters.errors import PartnerError, PermanentError
-from adapters.fhir_rest import FhirRestEndpoint
+from adapters.fhir_rest import FhirRestEndpoint, TokenBucket
 from adapters.profiles import PROFILES
 from service.config import default_home
 from service.errors import AlreadyExists, Invalid, NotFound, Problem
@@ -238,9 +238,23 @@ def endpoint_for(store: Store, partner_id: str) -> FhirRestEndpoint:
     if found is not None and found[0] == settings:
         return found[1]
     endpoint = FhirRestEndpoint(row.base_url, auth_for(auth_settings(store, partner_id)), quirks=row.quirks or {},
-                                rate_limit=row.rate_limit)
+                                rate_limit=_bucket(store, partner_id, row.rate_limit))
     built[(store.url, partner_id)] = (settings, endpoint)
     return endpoint
+
+
+#: each partner's rate limit in this process, shared by its threads: (database, partner id, rate) -> bucket
+_BUCKETS: dict[tuple[str, str, float], TokenBucket] = {}
+_BUCKETS_LOCK = threading.Lock()
+
+
+def _bucket(store: Store, partner_id: str, rate: Optional[float]) -> Optional[TokenBucket]:
+    """The partner's request-rate limit, one for every thread of this process (each worker process
+    keeps to the limit on its own)."""
+    if not rate:
+        return None
+    with _BUCKETS_LOCK:
+        return _BUCKETS.setdefault((store.url, partner_id, float(rate)), TokenBucket(rate))
 
 
 def check_capabilities(store: Store, partner_id: str, endpoint=None) -> dict:

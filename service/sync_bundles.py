@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 import uuid
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Iterable, Optional
 
 from adapters.errors import NotFound, NotSupported, PartnerError, PermanentError, TransientError
@@ -30,6 +31,7 @@ _PLACEHOLDERS = uuid.UUID("5d0f6c62-8f5e-4a57-9b1e-2f3c9c1de0a4")  # the namespa
 Key = tuple[str, str]  # (resource type, our id)
 
 
+@lru_cache(maxsize=4096)  # a push asks for each new resource's several times
 def placeholder(rtype: str, local_id: str) -> str:
     """The ``urn:uuid`` a new resource goes by inside a Bundle (the same for the same resource)."""
     return f"{PLACEHOLDER}{uuid.uuid5(_PLACEHOLDERS, f'{rtype}/{local_id}')}"

@@ -10,7 +10,7 @@ from contextlib import nullcontext
 from functools import lru_cache
 from typing import Any, Optional
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import and_, bindparam, insert, or_, select, update
 from sqlalchemy.engine import Connection
 
 from service.store import Store, StoredCase, now, read, write
@@ -45,20 +45,26 @@ def _key(partner_id: str, rtype: str, local_id: str) -> dict:
 
 @lru_cache(maxsize=64)
 def _ledger_rows_of(count: int):
-    """The ledger rows of ``count`` local ids (bound as id0, id1, ...) at one partner."""
-    return select(ledger).where(ledger.c.partner_id == bindparam("key_partner"),
-                                ledger.c.local_id.in_([bindparam(f"id{i}") for i in range(count)]))
+    """The ledger rows at one partner of ``count`` resources (bound as type0, id0, type1, id1, ...). Each
+    term names the whole key, so each is one look-up in the primary key (a ``local_id IN (...)``
+    would read every row of the partner)."""
+    return select(ledger).where(or_(*[
+        and_(ledger.c.partner_id == bindparam("key_partner"), ledger.c.resource_type == bindparam(f"type{i}"),
+             ledger.c.local_id == bindparam(f"id{i}")) for i in range(count)]))
 
 
 def ledger_row(store: Store, partner_id: str, key: tuple[str, str]) -> Any:
     return store.lookup(_LEDGER_ROW, _key(partner_id, *key))
 
 
-def ledger_rows(store: Store, partner_id: str, local_ids: list[str]) -> list[Any]:
-    if not local_ids:
+def ledger_rows(store: Store, partner_id: str, keys: list[tuple[str, str]]) -> list[Any]:
+    """The ledger rows of these (type, local id) at the partner, for those it has."""
+    if not keys:
         return []
-    return store.fetch(_ledger_rows_of(len(local_ids)),
-                       {"key_partner": partner_id, **{f"id{i}": local for i, local in enumerate(local_ids)}})
+    params = {"key_partner": partner_id}
+    for i, (rtype, local_id) in enumerate(keys):
+        params[f"type{i}"], params[f"id{i}"] = rtype, local_id
+    return store.fetch(_ledger_rows_of(len(keys)), params)
 
 
 def ledger_by_remote(store: Store, partner_id: str, rtype: Optional[str], remote_id: Optional[str]) -> Optional[Any]:

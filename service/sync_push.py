@@ -101,7 +101,7 @@ def _push_case(store: Store, case_id: str, partner_id: str, version: int, endpoi
         return PushResult(skipped="member not matched"), False
     result = PushResult()
     resources = ordered(case_resources(case))
-    known = ledger_rows(store, partner_id, [r["id"] for r in resources])
+    known = ledger_rows(store, partner_id, [(r["resourceType"], r["id"]) for r in resources])
     by_local: dict[tuple[str, str], Any] = {(r.resource_type, r.local_id): r for r in known}
     try:
         to_write = _to_write(store, partner, case, resources, writable, endpoint, by_local)

@@ -75,6 +75,35 @@ def test_a_case_save_writes_an_outbox_row_and_dispatch_enqueues_it_once(store):
     assert state(store, stored.id).status == "pending"
 
 
+def test_dispatch_drains_the_outbox_in_pages_and_spreads_the_cases_over_tasks(store):
+    add_partner(store, MemoryEndpoint())
+    stored = [save(store, case_json(id=f"case-{i}", client={"id": f"client-{i}"})) for i in range(45)]
+    enqueued = []
+
+    assert sync.dispatch(store, lambda *args: enqueued.append(args), limit=10) == 45  # five pages, one call
+    cases = [case_id for _, items in enqueued for case_id, _ in items]
+    assert sorted(cases) == sorted(s.id for s in stored)  # each once
+    assert all(partner == "p1" for partner, _ in enqueued)
+    assert len(enqueued) >= 5  # a page of 10 goes out as several tasks, for several workers
+
+
+def test_rows_whose_task_the_broker_refused_wait_for_the_next_dispatch(store):
+    add_partner(store, MemoryEndpoint())
+    stored = [save(store, case_json(id=f"case-{i}", client={"id": f"client-{i}"})) for i in range(16)]
+    taken = []
+
+    def broker_goes_down(partner_id, items):
+        if taken:
+            raise ConnectionError("broker unreachable")
+        taken.extend(items)
+
+    with pytest.raises(ConnectionError):
+        sync.dispatch(store, broker_goes_down)
+    enqueued = []
+    assert sync.dispatch(store, lambda partner, items: enqueued.extend(items)) == 16 - len(taken)
+    assert sorted(c for c, _ in taken + enqueued) == sorted(s.id for s in stored)  # none lost, none twice
+
+
 def test_a_case_of_another_organization_or_program_is_not_shared(store):
     endpoint = MemoryEndpoint()
     add_partner(store, endpoint, programs=["care_coordination"])

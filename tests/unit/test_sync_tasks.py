@@ -138,3 +138,15 @@ def test_each_case_of_a_batch_that_fails_is_retried_alone_with_the_same_bound(st
     assert len(unavailable_partner.calls) == 2 * (tasks.MAX_RETRIES + 1)
     assert len(seen) == 2 * (tasks.MAX_RETRIES - 1) and all(e.status == 503 for e in seen)
     assert sorted((letter.case_id, letter.status) for letter in letters(store)) == sorted([(first.id, 503), (second.id, 503)])
+
+
+def test_a_case_the_push_cannot_handle_becomes_a_dead_letter_and_the_batch_goes_on(store, unavailable_partner):
+    stored = save(store, case_json())
+
+    with retries_seen() as seen:
+        assert tasks.push_cases.apply(args=("p1", [("no-such-case", 1), (stored.id, stored.version)])).successful()
+
+    assert len(seen) == tasks.MAX_RETRIES - 1  # the case after it was still pushed (and retried)
+    by_case = {letter.case_id: letter for letter in letters(store)}
+    assert "no case no-such-case" in by_case["no-such-case"].error
+    assert by_case[stored.id].status == 503
