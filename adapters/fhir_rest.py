@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
+import orjson
 import requests
 import urllib3.exceptions
 
@@ -248,6 +249,7 @@ class FhirRestEndpoint(PartnerEndpoint):
             base_headers["Content-Type"] = FHIR_JSON
         if write:
             base_headers["Prefer"] = "return=representation"
+        body = None if json is None else orjson.dumps(json)  # several times faster than requests' encoder
         for attempt in (1, 2):
             if self.limiter is not None:
                 self.limiter.acquire()
@@ -257,7 +259,7 @@ class FhirRestEndpoint(PartnerEndpoint):
                     method,
                     url,
                     params=params,
-                    json=json,
+                    data=body,
                     headers=sent_headers,
                     timeout=self.timeout,
                     allow_redirects=not write,
@@ -319,7 +321,7 @@ def _resource_type(resource: Mapping[str, Any]) -> str:
 
 def _json(response: requests.Response) -> dict[str, Any]:
     try:
-        body = response.json()
+        body = orjson.loads(response.content)
     except ValueError as exc:
         raise PermanentError(
             f"partner answered {response.status_code} with a body that is not JSON", status=response.status_code
@@ -331,7 +333,7 @@ def _json(response: requests.Response) -> dict[str, Any]:
 
 def _outcome(response: requests.Response) -> dict[str, Any] | None:
     try:
-        body = response.json()
+        body = orjson.loads(response.content)
     except ValueError:
         return None
     return body if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome" else None

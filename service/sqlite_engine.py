@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from typing import Optional
+from typing import Any, Optional
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection, Engine
@@ -32,10 +32,10 @@ except ImportError:  # pragma: no cover - not on POSIX: writers poll for SQLite'
 _WRITER_LOCK = "casebridge_writer_lock"
 
 
-def sqlite_engine(url: str, readonly_option: str) -> Engine:
+def sqlite_engine(url: str, readonly_option: str, **options: Any) -> Engine:
     """An engine on the SQLite database at ``url``; connections run with the execution option
-    ``readonly_option`` set only read."""
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+    ``readonly_option`` set only read. ``options`` go to ``create_engine``."""
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **options)
     path = _database_file(engine)
     checkpointer = Checkpointer(path) if path is not None else None
 

@@ -10,6 +10,7 @@ transaction as the case, so a search never sees a case half saved. Schema change
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import threading
 from collections import namedtuple
@@ -149,10 +150,22 @@ def now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+def _json_text(value: Any) -> str:
+    """A JSON column's text, by orjson (the standard library's encoder cost a tenth of a sync push)."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # what orjson does not take (an integer past 64 bits, say): as the standard library would
+        return json.dumps(value)
+
+
+#: JSON columns are written and read with orjson
+_JSON_CODEC = {"json_serializer": _json_text, "json_deserializer": orjson.loads}
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        return sqlite_engine(url, READONLY)
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        return sqlite_engine(url, READONLY, **_JSON_CODEC)
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, **_JSON_CODEC)
 
 
 @dataclass(frozen=True)

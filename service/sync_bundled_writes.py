@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable, Optional
+
+from sqlalchemy.engine import Connection
 
 from adapters.errors import AmbiguousWrite, PermanentError, TransientError, VersionConflict
 from service import sync_bundles as bundles
@@ -26,10 +28,13 @@ log = logging.getLogger("casebridge.sync")
 
 
 def push_bundled(store: Store, partner: Any, case_id: str, resources: list[dict], endpoint: Any, by_local: dict,
-                 kind: str, result: PushResult) -> None:
+                 kind: str, result: PushResult, then: Optional[Callable[[Connection], None]] = None) -> bool:
     """Write what changed in one transaction, or in batch rounds (each round what can be written with
     the references known so far: a batch entry cannot refer to another); a partner that caps its
-    bundles (``max_bundle_entries`` in its route) gets several, each after what it refers to."""
+    bundles (``max_bundle_entries`` in its route) gets several, each after what it refers to.
+
+    ``then(conn)`` runs in the ledger write of the last bundle when that bundle settles everything
+    left (one write fewer a push); returns whether it ran."""
     conditional = set((partner.route or {}).get("conditional_create") or ())
     for resource in resources:
         key = _key(resource)
@@ -48,10 +53,15 @@ def push_bundled(store: Store, partner: Any, case_id: str, resources: list[dict]
             break  # they refer to each other: one at a time, below
         chosen = {_key(r) for r in sending}
         waiting = [r for r in waiting if _key(r) not in chosen]
-        for resource in _send_bundle(store, partner, case_id, sending, endpoint, by_local, kind, conditional, result):
+        last = then if not waiting else None
+        again = _send_bundle(store, partner, case_id, sending, endpoint, by_local, kind, conditional, result, last)
+        if last is not None and again is None:
+            return True
+        for resource in again or ():
             push_one(store, partner, case_id, resource, endpoint, by_local, result)
     for resource in waiting:
         push_one(store, partner, case_id, resource, endpoint, by_local, result)
+    return False
 
 
 def _key(resource: dict) -> tuple[str, str]:
@@ -97,10 +107,12 @@ def _changed(resources: list[dict], by_local: dict, result: PushResult) -> list[
 
 
 def _send_bundle(store: Store, partner: Any, case_id: str, resources: list[dict], endpoint: Any, by_local: dict,
-                 kind: str, conditional: set[str], result: PushResult) -> list[dict]:
+                 kind: str, conditional: set[str], result: PushResult,
+                 then: Optional[Callable[[Connection], None]] = None) -> Optional[list[dict]]:
     """One transaction or batch of ``resources``; the ledger keeps what it wrote. Returns what is left
-    to write one request at a time. A refused entry fails the push as its own request would have
-    (``TransientError`` for 429 and 5xx, else ``PermanentError``), after what the others wrote is kept."""
+    to write one request at a time; ``None`` when nothing is, and ``then(conn)`` ran in the ledger's
+    write. A refused entry fails the push as its own request would have (``TransientError`` for 429
+    and 5xx, else ``PermanentError``), after what the others wrote is kept."""
     pending = {_key(r): bundles.placeholder(*_key(r)) for r in resources if _key(r) not in by_local}
     writes = []
     noted: dict = {}  # what each update's ledger row remembered before this bundle
@@ -167,6 +179,9 @@ def _send_bundle(store: Store, partner: Any, case_id: str, resources: list[dict]
                                               answer.version, body_hash(body), body, ours=True,
                                               conn=conn)
             result.written += 1
+        if then is not None and not again and not failures:
+            then(conn)
+            return None
     if failures:
         raise next((f for f in failures if isinstance(f, TransientError)), failures[0])
     return again

@@ -103,23 +103,32 @@ def _push_case(store: Store, case_id: str, partner_id: str, version: int, endpoi
     resources = ordered(case_resources(case))
     known = ledger_rows(store, partner_id, [(r["resourceType"], r["id"]) for r in resources])
     by_local: dict[tuple[str, str], Any] = {(r.resource_type, r.local_id): r for r in known}
+
+    def synced(conn: Connection) -> None:
+        """The case synced, and the lease given back."""
+        set_state(conn, case_id, partner_id, status="synced", synced_version=stored.version, last_error=None)
+        _release_lease(conn, case_id, partner_id, lease)
+        stamp = now()
+        if _stale(partner.last_success_at, stamp):  # not a write of the partner's row for every case
+            write(conn, _PARTNER_SUCCESS, {"key_partner": partner_id, "stamp": stamp})
+
+    finished = False
     try:
         to_write = _to_write(store, partner, case, resources, writable, endpoint, by_local)
         method = partner.route.get("write_method") or "single"
         if method in ("transaction", "batch"):
-            push_bundled(store, partner, case_id, to_write, endpoint, by_local, method, result)
+            # when the last bundle settles everything, its ledger write also marks the case synced
+            finished = push_bundled(store, partner, case_id, to_write, endpoint, by_local, method, result,
+                                    then=synced)
         else:
             for resource in to_write:
                 push_one(store, partner, case_id, resource, endpoint, by_local, result)
     except ConflictRecorded as conflict:
         update_state(store, case_id, partner_id, status="conflict", last_error=str(conflict))
         return result, False
-    stamp = now()
-    with store.engine.begin() as conn:  # the case synced, and the lease given back: one write
-        set_state(conn, case_id, partner_id, status="synced", synced_version=stored.version, last_error=None)
-        _release_lease(conn, case_id, partner_id, lease)
-        if _stale(partner.last_success_at, stamp):  # not a write of the partner's row for every case
-            write(conn, _PARTNER_SUCCESS, {"key_partner": partner_id, "stamp": stamp})
+    if not finished:
+        with store.engine.begin() as conn:
+            synced(conn)
     return result, True
 
 
