@@ -148,7 +148,8 @@ class FhirRestEndpoint(PartnerEndpoint):
         session = requests.Session()
         settings = session.merge_environment_settings(base_url, {}, None, None, None)
         session.proxies.update(settings["proxies"])
-        session.verify = settings["verify"]
+        if base_url.startswith("https:"):  # a CA bundle named by the environment (over http there is none to check)
+            session.verify = settings["verify"]
         session.trust_env = False
         return session
 
