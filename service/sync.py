@@ -25,12 +25,12 @@ from service.sync_outbox import dispatch, on_case_saved, shared_with
 from service.sync_outgoing import SYNC_SYSTEM, WRITE_ORDER, body_hash, outgoing
 from service.sync_outgoing import ordered as _ordered  # noqa: F401 - bench/sync.py orders resources with it
 from service.sync_pull import PULL_TYPES, PullResult, notified_references, notify, partners_to_pull, pull_partner
-from service.sync_push import LEASE_SECONDS, CaseBusy, push_case
+from service.sync_push import LEASE_SECONDS, CaseBusy, Lease, push_case, take_leases
 from service.sync_single_writes import ConflictRecorded, PushResult
 
 __all__ = [
     "on_case_saved", "dispatch", "shared_with",
-    "push_case", "PushResult", "CaseBusy", "ConflictRecorded", "LEASE_SECONDS",
+    "push_case", "take_leases", "Lease", "PushResult", "CaseBusy", "ConflictRecorded", "LEASE_SECONDS",
     "outgoing", "body_hash", "SYNC_SYSTEM", "WRITE_ORDER",
     "three_way", "SERVER_ELEMENTS", "DERIVED_ELEMENTS",
     "pull_partner", "PullResult", "PULL_TYPES", "notify", "notified_references", "partners_to_pull", "apply_remote",

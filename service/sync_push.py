@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from typing import Any
+from typing import Any, NamedTuple, Optional
 
 from sqlalchemy import bindparam, or_, update
 from sqlalchemy.engine import Connection
@@ -36,23 +36,35 @@ class CaseBusy(TransientError):
     """Another push holds the case for this partner: try again shortly (this is no failure)."""
 
 
-def push_case(store: Store, case_id: str, partner_id: str, version: int, endpoint: Any) -> PushResult:
+class Lease(NamedTuple):
+    """A push's hold on a case (for one partner), and until when it lasts."""
+    token: str
+    until: dt.datetime
+
+
+def push_case(store: Store, case_id: str, partner_id: str, version: int, endpoint: Any,
+              lease: Optional[Lease] = None) -> PushResult:
     """Push a case to a partner; one push of a case to a partner at a time (a lease in its sync
     state), so two workers never both create the same resource at a partner without conditional
-    create. A push that finds the case taken is retried later (``CaseBusy``, a ``TransientError``)."""
-    lease = _take_lease(store, case_id, partner_id)
+    create. A push that finds the case taken is retried later (``CaseBusy``, a ``TransientError``).
+    ``lease``: one already taken for it (``take_leases``); renewed first when half of it is gone."""
+    if lease is None or lease.until - now() < dt.timedelta(seconds=LEASE_SECONDS / 2):
+        token = _take_lease(store, case_id, partner_id, renew=lease.token if lease is not None else None)
+    else:
+        token = lease.token
     released = False
     try:
-        result, released = _push_case(store, case_id, partner_id, version, endpoint, lease)
+        result, released = _push_case(store, case_id, partner_id, version, endpoint, token)
         return result
     finally:
         if not released:
             with store.engine.begin() as conn:
-                _release_lease(conn, case_id, partner_id, lease)
+                _release_lease(conn, case_id, partner_id, token)
 
 
 _TAKE_LEASE = update(sync_state).where(
-    *STATE_KEY, or_(sync_state.c.lease_until.is_(None), sync_state.c.lease_until < bindparam("stamp"))) \
+    *STATE_KEY, or_(sync_state.c.lease_until.is_(None), sync_state.c.lease_until < bindparam("stamp"),
+                    sync_state.c.lease == bindparam("renew"))) \
     .values(lease=bindparam("lease"), lease_until=bindparam("lease_until"))
 _RELEASE_LEASE = update(sync_state).where(*STATE_KEY, sync_state.c.lease == bindparam("token")) \
     .values(lease=None, lease_until=None)
@@ -60,12 +72,27 @@ _PARTNER_SUCCESS = update(partners).where(partners.c.id == bindparam("key_partne
     .values(last_success_at=bindparam("stamp"))
 
 
-def _take_lease(store: Store, case_id: str, partner_id: str) -> str:
+def take_leases(store: Store, partner_id: str, case_ids: list[str]) -> dict[str, Lease]:
+    """Leases on several cases for the pushes of one task, in one write; a case another push holds
+    (or with no sync state yet) is left out, for its own push to take or wait for."""
     token, stamp = uuid.uuid4().hex, now()
+    until = stamp + dt.timedelta(seconds=LEASE_SECONDS)
+    taken = {}
+    with store.engine.begin() as conn:
+        for case_id in case_ids:
+            if write(conn, _TAKE_LEASE, {"key_case": case_id, "key_partner": partner_id, "lease": token,
+                                         "lease_until": until, "stamp": stamp, "renew": None}):
+                taken[case_id] = Lease(token, until)
+    return taken
+
+
+def _take_lease(store: Store, case_id: str, partner_id: str, renew: Optional[str] = None) -> str:
+    """A lease on the case, or ``CaseBusy``; ``renew``: a lease of ours on it, to extend."""
+    token, stamp = renew or uuid.uuid4().hex, now()
     key = {"key_case": case_id, "key_partner": partner_id}
     lease = dict(lease=token, lease_until=stamp + dt.timedelta(seconds=LEASE_SECONDS))
     with store.engine.begin() as conn:
-        taken = write(conn, _TAKE_LEASE, {**key, **lease, "stamp": stamp})
+        taken = write(conn, _TAKE_LEASE, {**key, **lease, "stamp": stamp, "renew": renew})
         if not taken and state_of(store, case_id, partner_id, conn) is None:
             set_state(conn, case_id, partner_id, status="pending", **lease)  # no state yet: nobody holds it
             taken = 1

@@ -52,12 +52,13 @@ class NextTry(NamedTuple):
     exc: Exception
 
 
-def _push_once(store, case_id: str, partner_id: str, version: int, retries: int, busy_retries: int) -> NextTry | None:
+def _push_once(store, case_id: str, partner_id: str, version: int, retries: int, busy_retries: int,
+               lease: sync_push.Lease | None = None) -> NextTry | None:
     """One try of a push. ``retries``: the tries before this one; ``busy_retries``: how many of them found
-    the case held by another push, so the failed ones are the rest. Returns the next try, or ``None``
-    when there is none (pushed, or a dead letter)."""
+    the case held by another push, so the failed ones are the rest; ``lease``: one taken for it already.
+    Returns the next try, or ``None`` when there is none (pushed, or a dead letter)."""
     try:
-        sync_push.push_case(store, case_id, partner_id, version, registry.endpoint_for(store, partner_id))
+        sync_push.push_case(store, case_id, partner_id, version, registry.endpoint_for(store, partner_id), lease)
     except sync_push.CaseBusy as busy:  # waiting for another push of the case is not a failed attempt
         if busy_retries >= BUSY_RETRIES:
             sync_ledger.record_failure(store, partner_id, case_id, version, "push", busy)
@@ -109,7 +110,9 @@ def push_cases(partner_id: str, items: list[tuple[str, int]]) -> None:
     counts, so one slow or failing case never holds the others back twice; a batch redelivered after
     its worker died pushes again what it had pushed, which writes nothing."""
     store = _store()
-    tries = _pushers().map(lambda item: (item, _push_once(store, item[0], partner_id, item[1], 0, 0)), items)
+    leases = sync_push.take_leases(store, partner_id, [case_id for case_id, _ in items])  # one write for all
+    tries = _pushers().map(
+        lambda item: (item, _push_once(store, item[0], partner_id, item[1], 0, 0, leases.get(item[0]))), items)
     for (case_id, version), again in list(tries):
         if again is not None:
             push_case.apply_async(args=(case_id, partner_id, version), kwargs={"busy_retries": again.busy_retries},

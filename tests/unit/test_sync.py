@@ -2,6 +2,7 @@
 capability-aware routes, conflicts, payers, pull and the closed loop."""
 from __future__ import annotations
 
+import datetime as dt
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from adapters import profiles
 from adapters.errors import AmbiguousWrite, PermanentError
 from adapters.memory import MemoryEndpoint
 from service import migrations, partners as registry, schemas, sync
-from service.store import Store
+from service.store import Store, now
 from service.sync_store import conflicts, dead_letters, outbox, sync_state
 
 CASES = Path(__file__).resolve().parents[1] / "fixtures" / "cases"
@@ -275,3 +276,24 @@ def test_a_subscription_notification_names_what_to_pull():
              {"eventNumber": "1", "focus": {"reference": "Task/t1"}}]}},
         {"fullUrl": "http://ehr.test/fhir/ServiceRequest/sr1/_history/2"}]}
     assert sync.notified_references(bundle) == ["Task/t1", "ServiceRequest/sr1"]
+
+
+def test_a_task_leases_its_cases_in_one_write_and_leaves_out_one_another_push_holds(store):
+    endpoint = MemoryEndpoint()
+    add_partner(store, endpoint)
+    free, held = save(store, case_json()), save(store, case_json(id="case-2", client={"id": "client-2"}))
+    other = sync.take_leases(store, "p1", [held.id])  # another task's push holds this one
+
+    leases = sync.take_leases(store, "p1", [free.id, held.id])
+
+    assert set(leases) == {free.id} and set(other) == {held.id}
+    with pytest.raises(sync.CaseBusy):  # without a lease of its own it waits, as before
+        sync.push_case(store, held.id, "p1", held.version, endpoint)
+    sync.push_case(store, free.id, "p1", free.version, endpoint, leases[free.id])
+    assert (state(store, free.id).status, state(store, free.id).lease) == ("synced", None)  # given back
+    # a lease half gone is renewed before the push goes on, not lost to another push meanwhile
+    edit(store, free.id, lambda d: d.update(title="Discharge plan, revised"))
+    [old] = sync.take_leases(store, "p1", [free.id]).values()
+    ageing = sync.Lease(old.token, now() + dt.timedelta(seconds=1))
+    result = sync.push_case(store, free.id, "p1", 2, endpoint, ageing)
+    assert result.written >= 1 and state(store, free.id).lease is None
