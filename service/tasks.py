@@ -1,5 +1,6 @@
 """Celery tasks: thin shells over the sync engine (``service.sync_push``, ``service.sync_pull``,
-``service.sync_outbox``). Arguments are ids and versions only.
+``service.sync_outbox``). Arguments are ids and versions only: the dispatcher's ``push_cases`` carries
+a partner id and up to 20 (case id, version) pairs; a case to try again goes on as a ``push_case``.
 
 Tasks are idempotent (the ledger makes a repeated push write nothing), acknowledged late and
 re-queued if a worker dies mid-task. Transient partner failures retry with exponential backoff and
