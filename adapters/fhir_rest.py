@@ -15,7 +15,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import orjson
@@ -70,6 +70,12 @@ def parse_location(location: str | None) -> tuple[str | None, str | None, str | 
     return match.group("type"), match.group("id"), match.group("vid")
 
 
+class Limiter(Protocol):
+    """Spaces requests: ``acquire()`` returns when the next may go (the seconds it waited)."""
+
+    def acquire(self) -> float: ...
+
+
 class TokenBucket:
     """At most ``rate`` requests a second on average, bursts of ``burst``; ``acquire()`` sleeps as needed."""
 
@@ -110,7 +116,7 @@ class FhirRestEndpoint(PartnerEndpoint):
     ``quirks``: partner behaviour the CapabilityStatement does not tell (see ``profiles``), applied on top
     of the statement; ``rebase_next_links: True`` rewrites next links that name another host (a partner
     behind a proxy that leaks its internal address) onto ``base_url``'s host instead of refusing them.
-    ``rate_limit``: requests a second, or a ``TokenBucket``. ``capability_statement``: use this instead
+    ``rate_limit``: requests a second, or a ``Limiter`` (a ``TokenBucket``, or a pace shared elsewhere). ``capability_statement``: use this instead
     of fetching ``/metadata``.
     """
 
@@ -121,7 +127,7 @@ class FhirRestEndpoint(PartnerEndpoint):
         session: requests.Session | None = None,
         timeout: float | tuple[float, float] = (5, 30),
         quirks: Mapping[str, Any] | None = None,
-        rate_limit: float | TokenBucket | None = None,
+        rate_limit: float | Limiter | None = None,
         *,
         capability_statement: Mapping[str, Any] | None = None,
     ) -> None:
@@ -130,10 +136,9 @@ class FhirRestEndpoint(PartnerEndpoint):
         self.session = session or self._own_session(self.base_url)
         self.timeout = timeout
         self.quirks = dict(quirks or {})
-        if isinstance(rate_limit, TokenBucket) or rate_limit is None:
-            self.limiter = rate_limit
-        else:
-            self.limiter = TokenBucket(rate_limit)
+        # a number: this endpoint's own bucket; else anything with the bucket's acquire() (a pace shared
+        # with other processes, say)
+        self.limiter = TokenBucket(rate_limit) if isinstance(rate_limit, (int, float)) else rate_limit
         self._statement = dict(capability_statement) if capability_statement else None
         self._capabilities: Capabilities | None = None
 

@@ -19,13 +19,14 @@ from sqlalchemy import bindparam, delete, insert, select, update
 from adapters import auth as partner_auth
 from adapters.base import Capabilities, route as plan_route
 from adapters.errors import PartnerError, PermanentError
-from adapters.fhir_rest import FhirRestEndpoint, TokenBucket
+from adapters.fhir_rest import FhirRestEndpoint
 from adapters.profiles import PROFILES
 from service.config import default_home
 from service.errors import AlreadyExists, Invalid, NotFound, Problem
+from service.partner_pace import SharedPace
 from service.schemas import ID_RE
 from service.store import Store, now
-from service.sync_store import partners
+from service.sync_store import partner_pace, partners
 
 SECRET_FIELDS = {"token", "client_secret", "private_key"}
 AUTH_FIELDS = {
@@ -176,6 +177,7 @@ def delete_partner(store: Store, partner_id: str) -> None:
     _row(store, partner_id)
     with store.engine.begin() as conn:
         conn.execute(delete(partners).where(partners.c.id == partner_id))
+        conn.execute(delete(partner_pace).where(partner_pace.c.partner_id == partner_id))
 
 
 def auth_settings(store: Store, partner_id: str) -> dict:
@@ -243,18 +245,9 @@ def endpoint_for(store: Store, partner_id: str) -> FhirRestEndpoint:
     return endpoint
 
 
-#: each partner's rate limit in this process, shared by its threads: (database, partner id, rate) -> bucket
-_BUCKETS: dict[tuple[str, str, float], TokenBucket] = {}
-_BUCKETS_LOCK = threading.Lock()
-
-
-def _bucket(store: Store, partner_id: str, rate: Optional[float]) -> Optional[TokenBucket]:
-    """The partner's request-rate limit, one for every thread of this process (each worker process
-    keeps to the limit on its own)."""
-    if not rate:
-        return None
-    with _BUCKETS_LOCK:
-        return _BUCKETS.setdefault((store.url, partner_id, float(rate)), TokenBucket(rate))
+def _bucket(store: Store, partner_id: str, rate: Optional[float]) -> Optional[SharedPace]:
+    """The partner's request-rate limit, kept with every other worker process in the database."""
+    return SharedPace(store, partner_id, rate) if rate else None
 
 
 def check_capabilities(store: Store, partner_id: str, endpoint=None) -> dict:

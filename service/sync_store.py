@@ -31,6 +31,14 @@ partners = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
+#: when a rate-limited partner may next be sent a request (seconds since the epoch): one pace kept by
+#: every worker process on every machine together (``service.partner_pace``)
+partner_pace = Table(
+    "partner_pace", metadata,
+    Column("partner_id", String(64), primary_key=True),
+    Column("next_at", Float, nullable=False),
+)
+
 #: written in the same transaction as the case change; the dispatcher turns rows into tasks
 outbox = Table(
     "outbox", metadata,

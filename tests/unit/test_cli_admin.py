@@ -127,3 +127,22 @@ def test_serve_and_its_options_are_there(runner: CliRunner) -> None:
     for option in ("--host", "--port", "--workers", "--database-url"):
         assert option in result.stdout
     assert "127.0.0.1" in result.stdout and "8000" in result.stdout
+
+
+def test_db_upgrade_brings_a_database_of_an_earlier_release_to_the_newest_schema(runner: CliRunner,
+                                                                                   database_url: str) -> None:
+    from alembic import command
+
+    from service import migrations
+    from service.sync_store import partner_pace
+
+    store = Store(database_url)
+    command.upgrade(migrations.config(database_url), "0002")
+    with store.engine.begin() as conn:  # as 0001 made it before the pace table was part of the schema
+        partner_pace.drop(conn)
+    assert "partner_pace" not in inspect(store.engine).get_table_names()
+
+    result = runner.invoke(cli, ["db", "upgrade"])
+
+    assert result.exit_code == 0, result.output
+    assert "partner_pace" in inspect(Store(database_url).engine).get_table_names()
