@@ -5,8 +5,10 @@ time and memory to drain a backlog of case updates. Prints figures; not a test.
                          [--concurrency 2] [--broker redis|sqlite]
 
 1. Push rate: ``--cases`` minimal cases are stored, then one Celery worker with ``--concurrency``
-   pool processes (prefork: the "2 workers") pushes them to tests/fhir_server (profile full, registered
-   as the medplum partner profile: transactions of at most 8 entries). Resources per second = our
+   pool processes (prefork: the "2 workers"; each pushes up to ``CASEBRIDGE_PUSH_THREADS``, 4, cases
+   at once) pushes them to tests/fhir_server (profile full, registered as the medplum partner profile:
+   transactions of at most 8 entries; two client threads already keep its one Node thread busy).
+   Resources per second = our
    resources now at the server / seconds from the first write to the last case synced. Beside it, two
    direct clients (a plain ``requests`` session per thread, the same number of threads) against a fresh
    copy of the same server (warmed up before anything is measured: its JIT makes what runs first slower):
