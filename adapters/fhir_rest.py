@@ -116,8 +116,8 @@ class FhirRestEndpoint(PartnerEndpoint):
     ``quirks``: partner behaviour the CapabilityStatement does not tell (see ``profiles``), applied on top
     of the statement; ``rebase_next_links: True`` rewrites next links that name another host (a partner
     behind a proxy that leaks its internal address) onto ``base_url``'s host instead of refusing them.
-    ``rate_limit``: requests a second, or a ``Limiter`` (a ``TokenBucket``, or a pace shared elsewhere). ``capability_statement``: use this instead
-    of fetching ``/metadata``.
+    ``rate_limit``: requests a second, or a ``Limiter`` (a ``TokenBucket``, or a pace shared elsewhere).
+    ``capability_statement``: use this instead of fetching ``/metadata``.
     """
 
     def __init__(

@@ -240,12 +240,12 @@ def endpoint_for(store: Store, partner_id: str) -> FhirRestEndpoint:
     if found is not None and found[0] == settings:
         return found[1]
     endpoint = FhirRestEndpoint(row.base_url, auth_for(auth_settings(store, partner_id)), quirks=row.quirks or {},
-                                rate_limit=_bucket(store, partner_id, row.rate_limit))
+                                rate_limit=_pace(store, partner_id, row.rate_limit))
     built[(store.url, partner_id)] = (settings, endpoint)
     return endpoint
 
 
-def _bucket(store: Store, partner_id: str, rate: Optional[float]) -> Optional[SharedPace]:
+def _pace(store: Store, partner_id: str, rate: Optional[float]) -> Optional[SharedPace]:
     """The partner's request-rate limit, kept with every other worker process in the database."""
     return SharedPace(store, partner_id, rate) if rate else None
 
