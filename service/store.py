@@ -66,12 +66,16 @@ client_identifiers = Table(
 #: one row per FHIR resource a case converts to, with the values its search parameters need
 #: (written by ``service.fhir_index`` inside each case save). A resource shared by several cases of
 #: one organization (a client's Patient) has a row per case; the current one is the newest.
+#: On SQLite the rows are kept in key order (no rowid): the table, its key and the look-up of a
+#: resource by id are then one B-tree, where they were three that every save wrote into.
+#: ``ix_fhir_resources_search`` leads with the patient, so a case's resources (which share one) sit
+#: together in it; a search without a patient reads the key's (organization, type) range instead.
 fhir_resources = Table(
     "fhir_resources", metadata,
+    Column("organization_id", String(64), primary_key=True),
     Column("resource_type", String(32), primary_key=True),
     Column("resource_id", String(64), primary_key=True),
     Column("case_id", String(64), ForeignKey("cases.id"), primary_key=True),
-    Column("organization_id", String(64), nullable=False),
     Column("patient_id", String(64)),
     Column("version", Integer, nullable=False),
     Column("last_updated", DateTime(timezone=True), nullable=False),
@@ -81,9 +85,9 @@ fhir_resources = Table(
     Column("date_hi", String(40)),  # ... end exclusive
     Column("name", Text),
     Column("gender", String(16)),
-    Index("ix_fhir_resources_search", "organization_id", "resource_type", "patient_id", "last_updated"),
-    Index("ix_fhir_resources_id", "organization_id", "resource_type", "resource_id"),
+    Index("ix_fhir_resources_search", "organization_id", "patient_id", "resource_type", "last_updated"),
     Index("ix_fhir_resources_case", "case_id"),
+    sqlite_with_rowid=False,
 )
 
 #: token and reference search values (category, code, identifier, focus, goal, ...) of those resources
