@@ -20,7 +20,7 @@ from typing import Any, Iterable, Optional
 from urllib.parse import parse_qsl, urlencode
 
 import orjson
-from sqlalchemy import and_, bindparam, delete, exists, func, insert, or_, select
+from sqlalchemy import and_, bindparam, delete, exists, func, insert, or_, select, tuple_
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
@@ -341,10 +341,19 @@ def _ref_id(value: str, ref_type: str) -> str:
     return reference_id(value, ref_type) or value.rsplit("/", 1)[-1]
 
 
-def _token_exists(param: str, rtype_col, rid_col, case_col, condition):
-    t = fhir_tokens
-    return exists().where(t.c.resource_type == rtype_col, t.c.resource_id == rid_col, t.c.case_id == case_col,
-                          t.c.param == param, condition)
+def _token_match(param: str, condition, driving_type: Optional[str] = None):
+    """The row's resource has a token of ``param`` that meets ``condition``.
+
+    Each row found otherwise is checked against its own tokens; with ``driving_type`` (the type
+    searched) the rows are instead picked from the tokens themselves, through their index, for a
+    search with no patient or id to narrow it: else a search for one identifier or one focus would
+    check every resource of the type."""
+    t, r = fhir_tokens, fhir_resources
+    if driving_type is None:
+        return exists().where(t.c.resource_type == r.c.resource_type, t.c.resource_id == r.c.resource_id,
+                              t.c.case_id == r.c.case_id, t.c.param == param, condition)
+    return tuple_(r.c.resource_id, r.c.case_id).in_(select(t.c.resource_id, t.c.case_id).where(
+        t.c.organization_id == bindparam("org"), t.c.resource_type == driving_type, t.c.param == param, condition))
 
 
 @dataclass
@@ -446,9 +455,10 @@ def _condition(param: Param, name: str, modifier: str, value: str) -> tuple[tupl
     raise AssertionError(param.kind)
 
 
-def _sql(shape: tuple, bind):
+def _sql(shape: tuple, bind, driving_type: Optional[str] = None):
     """The SQL condition of a shape; ``bind()`` gives its next bind parameter. A list of values
-    has a parameter each (no expanding parameters: the statement runs as compiled)."""
+    has a parameter each (no expanding parameters: the statement runs as compiled). A token
+    condition given ``driving_type`` picks the rows (``_token_match``)."""
     r, kind = fhir_resources, shape[0]
 
     def each(n: int) -> list:
@@ -461,8 +471,7 @@ def _sql(shape: tuple, bind):
     if kind == "reference":
         return r.c.patient_id.in_(each(shape[1]))
     if kind == "reftoken":
-        return _token_exists(shape[1], r.c.resource_type, r.c.resource_id, r.c.case_id,
-                             fhir_tokens.c.code.in_(each(shape[2])))
+        return _token_match(shape[1], fhir_tokens.c.code.in_(each(shape[2])), driving_type)
     if kind == "token":
         t, alternatives = fhir_tokens, []
         for mode in shape[2]:
@@ -472,7 +481,7 @@ def _sql(shape: tuple, bind):
             elif mode == "none":
                 cond = and_(cond, t.c.system.is_(None))
             alternatives.append(cond)
-        return _token_exists(shape[1], r.c.resource_type, r.c.resource_id, r.c.case_id, or_(*alternatives))
+        return _token_match(shape[1], or_(*alternatives), driving_type)
     if kind == "string":
         return or_(*[r.c.name.like(bind(), escape="\\") for _ in range(shape[1])])
     if kind == "date":
@@ -486,6 +495,14 @@ def _sql(shape: tuple, bind):
                                  "gt": col >= hi, "le": col < hi, "lt": col < lo}[prefix])
         return or_(*alternatives)
     raise AssertionError(kind)
+
+
+def _driving_token(shape: tuple) -> Optional[int]:
+    """Which condition of a search picks its rows from the token index: the first token one, when
+    there is no patient (reference) or id condition, each of which finds fewer rows by itself."""
+    if any(item[0] in ("id", "reference") for item in shape):
+        return None
+    return next((n for n, item in enumerate(shape) if item[0] in ("token", "reftoken")), None)
 
 
 @dataclass(frozen=True)
@@ -511,8 +528,9 @@ def _statements(resource_type: str, shape: tuple) -> _Statements:
 
         r = fhir_resources
         query = fhir_index.current_rows(bindparam("org"), resource_type)
-        for item in shape:
-            query = query.where(_sql(item, bind))
+        driver = _driving_token(shape)
+        for n, item in enumerate(shape):
+            query = query.where(_sql(item, bind, resource_type if n == driver else None))
         every = query.order_by(r.c.last_updated.desc(), r.c.resource_id)
         found = _Statements(every.limit(bindparam("limit")).offset(bindparam("offset")),
                             select(func.count()).select_from(query.subquery()), every)

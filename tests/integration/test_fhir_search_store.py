@@ -91,3 +91,48 @@ def test_reads_on_each_database(fhir):
     assert fhir(f"/fhir/CarePlan/{plan['id']}")["meta"]["versionId"] == plan["meta"]["versionId"]
     bundle = fhir("/cases/case-0/fhir")
     assert bundle["resourceType"] == "Bundle" and bundle["entry"]
+
+
+def test_a_token_search_matches_only_a_resources_current_form(database_url, tmp_path):
+    """A client's Patient has a row per case; only the newest case's row is the resource. An
+    identifier only an older case gave the client finds nothing, on each database."""
+    from service import auth, create_app
+
+    app = create_app({"database_url": database_url, "base_url": "http://testserver", "home": tmp_path})
+    key = auth.create_key(app.extensions["casebridge"].store, ORG, ["cases:write", "fhir:read"])
+    client, headers = app.test_client(), {"Authorization": f"Bearer {key}"}
+    for case_id, member in (("older", "M-OLD"), ("newer", "M-NEW")):  # one client, a new member id
+        assert client.post("/cases", json=example_case(case_id, "client-1", member), headers=headers).status_code == 201
+
+    def total(query: str) -> int:
+        response = client.get(f"/fhir/Patient?{query}", headers=headers)
+        assert response.status_code == 200, response.get_json()
+        return response.get_json()["total"]
+
+    assert total("identifier=M-NEW") == 1
+    assert total("identifier=M-OLD") == 0
+    assert total("identifier=M-OLD,M-NEW") == 1
+
+
+@pytest.mark.parametrize("resource_type, params, index", [
+    ("Patient", [("identifier", "M-1")], "ix_fhir_tokens_lookup"),
+    ("Task", [("focus", "ServiceRequest/sr-1")], "ix_fhir_tokens_lookup"),
+    ("CarePlan", [("patient", "p-1"), ("category", "assess-plan")], "ix_fhir_resources_search"),
+])
+def test_a_search_starts_from_its_most_selective_index(tmp_path, resource_type, params, index):
+    """SQLite's plan for a search: an identifier or a focus is looked up in the token index, not
+    checked against every resource of the type; a patient's plans are found by the patient."""
+    from service import fhir_services, migrations
+    from service.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'plans.db'}")
+    migrations.upgrade(store)
+    request = fhir_services.parse_search(resource_type, params)
+    statement = fhir_services._statements(resource_type, tuple(request.shape)).page
+    bound = {"org": ORG, "limit": 10, "offset": 0, **{f"v{i}": v for i, v in enumerate(request.values)}}
+    compiled = statement.compile(dialect=store.engine.dialect)
+    with store.engine.connect() as conn:
+        plan = [row[-1] for row in conn.exec_driver_sql(
+            f"EXPLAIN QUERY PLAN {compiled}", tuple({**compiled.params, **bound}[name] for name in compiled.positiontup))]
+    assert any(index in step for step in plan), plan
+    assert not any(step.startswith("SCAN") and "fhir_resources" in step for step in plan), plan
