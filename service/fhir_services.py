@@ -1196,34 +1196,89 @@ def _get_entry(store: Store, actor, url: str, base: str, conn: Optional[Connecti
 
 
 # -- the CapabilityStatement -----------------------------------------------------------------------
+# What the routes serve, stated here; tests/e2e/test_fhir_capabilities.py probes the app over HTTP and
+# fails on a claim the routes do not keep, or on anything served and not claimed.
+#: the case types (``service.api.fhir``): each resource a view of a case record
+CASE_INTERACTIONS = {
+    "read": "",
+    "vread": "",
+    "update": "If-Match (W/\"n\") makes it version-aware: a stale version is 412; an absent id is 404 (no "
+              "update as create)",
+    "history-instance": "",
+    "create": "If-None-Exist (a search query) gives back the one match (200) instead of creating",
+    "search-type": "GET, or POST _search with a form",
+}
+#: the case types a POST creates: a CarePlan comes with its case (a created Patient or ServiceRequest)
+CREATED_TYPES = ("Patient", "Goal", "ServiceRequest", "Condition", "Task")
+EVERYTHING = {"name": "everything", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
+              "documentation": "GET Patient/[id]/$everything: the patient and every resource of every case of the "
+                               "patient, in one page; no parameter but _format (start, end, _since, _type and "
+                               "_count are refused)"}
+#: AuditEvent (``service.api.audit``): the caller's organization's audit trail, for the admin scope
+AUDIT_EVENT_INTERACTIONS = {"read": "", "search-type": "GET only"}
+AUDIT_EVENT_PARAMS = {
+    "date": Param("date", "date", doc="when the event was recorded: eq, gt, ge, lt or le; repeat it for a range"),
+    "entity": Param("reference", "reference", doc="what the event is about: Type/id or an id (a case's events "
+                                                  "through its CarePlan)"),
+}
+
+
+def _interactions(documented: dict[str, str]) -> list[dict]:
+    return [{"code": code, **({"documentation": doc} if doc else {})} for code, doc in documented.items()]
+
+
+def _search_params(params: dict[str, Param]) -> list[dict]:
+    return [{"name": name, "type": p.fhir_type, "documentation": p.doc} for name, p in params.items()]
+
+
+def _case_resource(rtype: str) -> dict:
+    created = rtype in CREATED_TYPES
+    resource = {
+        "type": rtype,
+        "profile": f"http://hl7.org/fhir/StructureDefinition/{rtype}",
+        "interaction": _interactions({k: v for k, v in CASE_INTERACTIONS.items() if created or k != "create"}),
+        "versioning": "versioned-update",
+        "readHistory": True,
+        "updateCreate": False,
+        "conditionalCreate": created,
+        "conditionalRead": "not-supported",
+        "conditionalUpdate": False,
+        "conditionalDelete": "not-supported",
+        "searchInclude": [k for k, v in INCLUDES.items() if v[0] == rtype],
+        "searchRevInclude": REVINCLUDES.get(rtype, []),
+        "searchParam": _search_params({**COMMON, **PARAMS[rtype]}),
+    }
+    for key in ("searchInclude", "searchRevInclude"):
+        if not resource[key]:
+            del resource[key]
+    if not created:
+        resource["documentation"] = (f"No create: a {rtype} comes with its case (create a Patient or a "
+                                     "ServiceRequest), and changes with update.")
+    if rtype == "Patient":
+        resource["operation"] = [EVERYTHING]
+    return resource
+
+
+def _audit_event_resource() -> dict:
+    return {
+        "type": "AuditEvent",
+        "profile": "http://hl7.org/fhir/StructureDefinition/AuditEvent",
+        "documentation": "The audit trail of the caller's organization, for a key with the admin scope. Events "
+                         "have no versions. Search takes date, entity and _count and ignores any other "
+                         "parameter.",
+        "interaction": _interactions(AUDIT_EVENT_INTERACTIONS),
+        "versioning": "no-version",
+        "readHistory": False,
+        "updateCreate": False,
+        "conditionalCreate": False,
+        "conditionalRead": "not-supported",
+        "conditionalUpdate": False,
+        "conditionalDelete": "not-supported",
+        "searchParam": _search_params(AUDIT_EVENT_PARAMS),
+    }
+
+
 def capability_statement(base: str) -> dict:
-    resources = []
-    for rtype in TYPES:
-        params = {**COMMON, **PARAMS[rtype]}
-        resource = {
-            "type": rtype,
-            "profile": f"http://hl7.org/fhir/StructureDefinition/{rtype}",
-            "interaction": [{"code": c} for c in ("read", "vread", "update", "history-instance", "create",
-                                                  "search-type")],
-            "versioning": "versioned",
-            "readHistory": True,
-            "updateCreate": False,
-            "conditionalCreate": True,
-            "conditionalRead": "not-supported",
-            "conditionalUpdate": False,
-            "conditionalDelete": "not-supported",
-            "searchInclude": [k for k, v in INCLUDES.items() if v[0] == rtype],
-            "searchRevInclude": REVINCLUDES.get(rtype, []),
-            "searchParam": [{"name": name, "type": p.fhir_type, "documentation": p.doc} for name, p in params.items()],
-        }
-        if not resource["searchInclude"]:
-            del resource["searchInclude"]
-        if not resource["searchRevInclude"]:
-            del resource["searchRevInclude"]
-        if rtype == "Patient":
-            resource["operation"] = [{"name": "everything",
-                                      "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"}]
-        resources.append(resource)
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -1236,14 +1291,13 @@ def capability_statement(base: str) -> dict:
         "format": ["application/fhir+json", "json"],
         "rest": [{
             "mode": "server",
-            "documentation": "Every resource is a view of a case record; a write changes the case. Search "
-                             "parameters not listed are refused (400). Paging: _count with next links. "
-                             "DELETE, PATCH, conditional update and XML are not supported.",
-            "security": {"cors": False, "description": "Authorization: Bearer <API key>, with the fhir:read "
-                                                       "and fhir:write scopes"},
-            "resource": resources,
+            "documentation": "Every resource but AuditEvent is a view of a case record; a write changes the case. "
+                             "Search parameters not listed are refused (400), except on AuditEvent. Paging: "
+                             "_count with next links. DELETE, PATCH, conditional update and XML are not "
+                             "supported.",
+            "security": {"cors": False, "description": "Authorization: Bearer <API key>, with the fhir:read and "
+                                                       "fhir:write scopes (AuditEvent: the admin scope)"},
+            "resource": [*(_case_resource(rtype) for rtype in TYPES), _audit_event_resource()],
             "interaction": [{"code": "transaction"}, {"code": "batch"}],
-            "operation": [{"name": "everything",
-                           "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"}],
         }],
     }

@@ -73,12 +73,22 @@ def test_metadata_needs_no_key_and_states_what_is_supported(client):
     statement = response.json
     valid(statement)
     rest = statement["rest"][0]
-    assert {r["type"] for r in rest["resource"]} == set(TYPES)
-    plan = next(r for r in rest["resource"] if r["type"] == "CarePlan")
-    assert {p["name"] for p in plan["searchParam"]} >= {"patient", "category", "date", "status", "_lastUpdated"}
-    assert "CarePlan:goal" in plan["searchInclude"]
-    assert {i["code"] for i in rest["interaction"]} == {"transaction", "batch"}
+    by_type = {r["type"]: r for r in rest["resource"]}
+    assert set(by_type) == {*TYPES, "AuditEvent"}
+    plan, audit = by_type["CarePlan"], by_type["AuditEvent"]
+    assert {p["name"]: p["type"] for p in plan["searchParam"]} == {
+        "_id": "token", "_lastUpdated": "date", "patient": "reference", "subject": "reference", "category": "token",
+        "goal": "reference", "date": "date", "status": "token"}
+    assert sorted(plan["searchInclude"]) == ["CarePlan:goal", "CarePlan:patient", "CarePlan:subject"]
+    assert [i["code"] for i in plan["interaction"]] == ["read", "vread", "update", "history-instance", "search-type"]
+    assert [i["code"] for i in by_type["Goal"]["interaction"]] == [
+        "read", "vread", "update", "history-instance", "create", "search-type"]
+    assert [i["code"] for i in audit["interaction"]] == ["read", "search-type"]
+    assert {p["name"]: p["type"] for p in audit["searchParam"]} == {"date": "date", "entity": "reference"}
+    assert [i["code"] for i in rest["interaction"]] == ["transaction", "batch"]
+    assert [o["name"] for o in by_type["Patient"]["operation"]] == ["everything"] and "operation" not in rest
     assert statement["fhirVersion"] == "4.0.1"
+    # every claim, and everything served, against the app itself: tests/e2e/test_fhir_capabilities.py
 
 
 def test_auth_scopes_and_organizations(client, seeded, make_key):
