@@ -6,6 +6,13 @@ INSERT that can never break the response. Requests to the case routes (the JSON 
 that were refused before a view ran (401, 403, 400, ...) are recorded too, with the entity taken from
 the URL path. An event holds ids, never case contents.
 
+A request that writes several cases (``POST /import``, a FHIR transaction or batch Bundle) names
+each of them too (:func:`note_imported`, :func:`note_bundle_entries`): one row per case, with what the
+request did to it, beside the request's own row.
+
+Rows are written in batches from a background thread; rows the database does not take (it is down,
+say) wait in a spool file until it does (``service.audit_writer``).
+
 Events are read back as JSON (:func:`to_json`, ``GET /audit``) and as FHIR R4 AuditEvent resources
 (:func:`to_fhir`, ``GET /fhir/AuditEvent``), always within one organization.
 """
@@ -16,10 +23,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
-from sqlalchemy import and_, insert, or_, select
+from sqlalchemy import and_, or_, select
 
 from mappings import ids
-from service.store import Store, audit_events, fhir_resources, now
+from service.audit_writer import AuditWriter, Spool, spool_path
+from service.store import Store, audit_events, cases, fhir_resources, now
 
 log = logging.getLogger("casebridge.audit")
 
@@ -51,6 +59,17 @@ OUTCOME_DESCRIPTIONS = {"0": "Success", "4": "Minor failure", "8": "Serious fail
 
 _METHOD_ACTIONS = {"POST": "C", "GET": "R", "HEAD": "R", "PUT": "U", "PATCH": "U", "DELETE": "D"}
 _G_KEY = "casebridge_audit"
+_G_MORE = "casebridge_audit_more"
+_G_STARTED = "casebridge_audit_started"
+
+#: what ``POST /import`` did to each case it matched (the outcomes ``services.import_fhir`` answers),
+#: as an interaction: an unchanged case was read (compared, and its id and version answered)
+IMPORT_INTERACTIONS = {"created": "create", "updated": "update", "unchanged": "read"}
+_STRENGTH = {"read": 0, "update": 1, "create": 2}
+
+#: the longest entity id a row takes (one from a URL may be longer: PostgreSQL would refuse it, and
+#: with it every row written beside it)
+_ENTITY_ID_LENGTH = audit_events.c.entity_id.type.length
 
 
 # -- recording ------------------------------------------------------------------------------------
@@ -74,85 +93,137 @@ def note(entity_type: str, entity_id: Optional[str] = None, *, operation: Option
     setattr(g, _G_KEY, _Noted(entity_type, None if entity_id is None else str(entity_id), operation))
 
 
-def init_app(app) -> None:
-    """Write the audit row of each request, after the view (and any error handler) has answered."""
+def note_written(entity_type: str, entity_id: str, operation: str) -> None:
+    """Name one more entity this request touched, beside the one :func:`note` names: it gets a row of
+    its own, with ``operation`` and the request's time, caller and outcome. For a request that
+    writes several cases at once; call it once the work is done."""
+    from flask import g
 
-    writer = AuditWriter(app.extensions["casebridge"].store)
+    more = g.get(_G_MORE)
+    if more is None:
+        more = []
+        setattr(g, _G_MORE, more)
+    more.append(_Noted(entity_type, str(entity_id), operation))
+
+
+def note_imported(imported: Iterable[dict]) -> None:
+    """Name each case ``POST /import`` matched (its answer's ``cases``: ``{"id", "outcome"}`` each)."""
+    for case in imported:
+        note_written(CASE, case["id"], IMPORT_INTERACTIONS.get(case.get("outcome"), "update"))
+
+
+def note_bundle_entries(store: Store, organization_id: str, bundle: dict, answer: dict) -> None:
+    """Name each case a FHIR transaction or batch Bundle read or wrote, from its answer."""
+    _note_cases_of(store, organization_id, _bundle_resources(bundle, answer))
+
+
+def note_resource_written(store: Store, organization_id: str, resource_type: str, resource_id: str) -> None:
+    """Name the case, or cases, a single FHIR create or update wrote."""
+    _note_cases_of(store, organization_id, {(resource_type, resource_id): "update"})
+
+
+def _note_cases_of(store: Store, organization_id: str, touched: dict[tuple[str, str], str]) -> None:
+    """Name the cases of the resources ``touched`` (each with its interaction). A resource is a view
+    of a case, or of several (a client's Patient is in each of their cases). A case gets ``create``
+    when this request made it, else ``update`` when the request wrote any of its resources, else
+    ``read``."""
+    from flask import g
+
+    if not touched:
+        return
+    try:
+        found = _cases_of(store, organization_id, list(touched))
+    except Exception as error:  # noqa: BLE001 - the work is done: name its resources instead
+        log.error("could not find the cases of %d resources for the audit: %s", len(touched), type(error).__name__)
+        for (rtype, rid), interaction in touched.items():
+            note_written(rtype, rid, interaction)
+        return
+    started = g.get(_G_STARTED) or now()
+    named: dict[str, str] = {}
+    for (rtype, rid), case_id, created_at in found:
+        interaction = touched[(rtype, rid)]
+        if interaction != "read":
+            interaction = "create" if _aware(created_at) >= started else "update"
+        if _STRENGTH[interaction] > _STRENGTH.get(named.get(case_id, ""), -1):
+            named[case_id] = interaction
+    for case_id, interaction in named.items():
+        note_written(CASE, case_id, interaction)
+
+
+def _bundle_resources(bundle: dict, answer: dict) -> dict[tuple[str, str], str]:
+    """The resources a Bundle's entries touched, in entry order, from the answer's locations
+    (``.../Type/id/_history/n``): a 201 is a create, a 2xx to a PUT an update, anything else a read
+    (a GET, or a conditional create that found its match)."""
+    touched: dict[tuple[str, str], str] = {}
+    for entry, answered in zip(_list(_dict(bundle).get("entry")), _list(_dict(answer).get("entry"))):
+        response = _dict(_dict(answered).get("response"))
+        location = response.get("location")
+        parts = location.split("/_history/")[0].rstrip("/").split("/") if isinstance(location, str) else []
+        if len(parts) < 2:
+            continue
+        status = str(response.get("status", ""))
+        method = str(_dict(_dict(entry).get("request")).get("method", "")).upper()
+        interaction = ("create" if status.startswith("201") else
+                       "update" if method == "PUT" and status.startswith("2") else "read")
+        key = (parts[-2], parts[-1])
+        if _STRENGTH[interaction] > _STRENGTH.get(touched.get(key, ""), -1):
+            touched[key] = interaction
+    return touched
+
+
+def _cases_of(store: Store, organization_id: str,
+              resources: Sequence[tuple[str, str]]) -> list[tuple[tuple[str, str], str, dt.datetime]]:
+    """((type, id), case id, when the case was made) for each case each resource is in, in the order
+    of ``resources``."""
+    wanted = set(resources)
+    query = (select(fhir_resources.c.resource_type, fhir_resources.c.resource_id, fhir_resources.c.case_id,
+                    cases.c.created_at)
+             .join(cases, cases.c.id == fhir_resources.c.case_id)
+             .where(fhir_resources.c.organization_id == organization_id,
+                    fhir_resources.c.resource_type.in_(sorted({rtype for rtype, _ in wanted})),
+                    fhir_resources.c.resource_id.in_(sorted({rid for _, rid in wanted}))))
+    with store.reader.connect() as conn:
+        rows = conn.execute(query).all()
+    found = [((r.resource_type, r.resource_id), r.case_id, r.created_at) for r in rows
+             if (r.resource_type, r.resource_id) in wanted]
+    order = {key: index for index, key in enumerate(resources)}
+    return sorted(found, key=lambda item: (order[item[0]], item[1]))
+
+
+def _dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list:
+    return value if isinstance(value, list) else []
+
+
+def _aware(stamp: dt.datetime) -> dt.datetime:
+    return stamp if stamp.tzinfo is not None else stamp.replace(tzinfo=dt.timezone.utc)
+
+
+def init_app(app) -> None:
+    """Write the audit rows of each request, after the view (and any error handler) has answered;
+    and, first, what an earlier run left in the spool."""
+    from flask import g
+
+    runtime = app.extensions["casebridge"]
+    writer = AuditWriter(runtime.store, Spool(spool_path(runtime.settings.home, runtime.store)))
     app.extensions["casebridge_audit"] = writer
+    writer.flush()  # touches the database only when the spool holds rows
+
+    @app.before_request
+    def _note_start():
+        setattr(g, _G_STARTED, now())  # what a request made is told apart from what it changed
 
     @app.after_request
     def _write_audit_event(response):
         try:
-            row = _row_for_request(response.status_code)
-            if row is not None:
+            for row in _rows_for_request(response.status_code):
                 writer.add(row)
         except Exception as error:  # noqa: BLE001 - the audit must never break the response
             log.error("could not record the audit event: %s", type(error).__name__)
         return response
-
-
-class AuditWriter:
-    """Writes audit rows in batches from a background thread, so a read does not wait for a write
-    (and, on SQLite, for the database's one write lock). Rows are written within ``interval``
-    seconds, at exit, and before anything reads the trail (``flush``). Each write also makes every
-    other connection read its pages again, so it comes a few times a second, not more."""
-
-    RETRIES = 20  # five seconds of tries at the default interval: then the rows are dropped, loudly
-
-    def __init__(self, store: Store, interval: float = 0.25, batch: int = 500):
-        import atexit
-        import threading
-
-        self.store, self.interval, self.batch = store, interval, batch
-        self._failures = 0
-        self._rows: list[dict] = []
-        self._lock = threading.Lock()
-        self._flushing = threading.Lock()
-        self._wake = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-        self._pid = None
-        atexit.register(self.flush)
-
-    def add(self, row: dict) -> None:
-        import os
-        import threading
-
-        with self._lock:
-            self._rows.append(row)
-            if self._pid != os.getpid():  # first row in this process (gunicorn forks after the app is built)
-                self._pid = os.getpid()
-                self._thread = threading.Thread(target=self._run, name="casebridge-audit", daemon=True)
-                self._thread.start()
-        if len(self._rows) >= self.batch:
-            self._wake.set()
-
-    def _run(self) -> None:
-        while True:
-            self._wake.wait(self.interval)
-            self._wake.clear()
-            self.flush()
-
-    def flush(self) -> None:
-        with self._flushing:
-            with self._lock:
-                rows, self._rows = self._rows, []
-            if not rows:
-                return
-            try:
-                with self.store.engine.begin() as conn:
-                    conn.execute(insert(audit_events), rows)
-            except Exception as error:  # noqa: BLE001 - keep them for a few more tries
-                self._failures += 1
-                if self._failures > self.RETRIES:
-                    log.error("dropped %d audit events after %d failed writes: %s", len(rows), self._failures,
-                              type(error).__name__)
-                    self._failures = 0
-                    return
-                log.error("could not write %d audit events: %s", len(rows), type(error).__name__)
-                with self._lock:
-                    self._rows[:0] = rows
-                return
-            self._failures = 0
 
 
 def flush(app=None) -> None:
@@ -164,7 +235,9 @@ def flush(app=None) -> None:
         writer.flush()
 
 
-def _row_for_request(status: int) -> Optional[dict]:
+def _rows_for_request(status: int) -> list[dict]:
+    """The request's row, then a row for each entity :func:`note_written` named; none for a request
+    that touched no case."""
     from flask import g, request
 
     noted: Optional[_Noted] = g.get(_G_KEY)
@@ -172,24 +245,29 @@ def _row_for_request(status: int) -> Optional[dict]:
     if noted is None:
         # refused before a view said what it touched: record attempts on the case routes
         if status < 400 or rule is None or not _is_case_route(request.blueprint):
-            return None
+            return []
         entity = entity_from_path(request.path)
         if entity is None:
-            return None
+            return []
         noted = _Noted(entity[0], entity[1], None)
-    operation = noted.operation or interaction(request.method, request.path)
     actor = g.get("actor")
-    return {
+    common = {
         "recorded_at": now(),
         "organization_id": actor.organization_id if actor is not None else None,
         "key_id": actor.key_id if actor is not None else None,
+        "outcome": status,
+    }
+    path = rule.rule if rule is not None else None
+    named = [(noted, noted.operation or interaction(request.method, request.path))]
+    named += [(more, more.operation) for more in g.get(_G_MORE) or ()]
+    return [{
+        **common,
         "action": INTERACTION_ACTIONS.get(operation) or _METHOD_ACTIONS.get(request.method, "E"),
         "operation": operation,
-        "entity_type": noted.entity_type,
-        "entity_id": noted.entity_id,
-        "outcome": status,
-        "detail": {"method": request.method, "path": rule.rule if rule is not None else None},
-    }
+        "entity_type": what.entity_type,
+        "entity_id": what.entity_id[:_ENTITY_ID_LENGTH] if what.entity_id is not None else None,
+        "detail": {"method": request.method, "path": path},
+    } for what, operation in named]
 
 
 def _is_case_route(blueprint: Optional[str]) -> bool:

@@ -160,7 +160,9 @@ def convert_from_fhir():
 def import_fhir():
     who = actor(WRITE)
     audit.note(audit.CASE, operation="operation")
-    return _json(services.import_fhir(runtime().store, who, _fhir_body()))
+    result = services.import_fhir(runtime().store, who, _fhir_body())
+    audit.note_imported(result["cases"])
+    return _json(result)
 
 
 # -- helpers -------------------------------------------------------------------------------------

@@ -119,8 +119,10 @@ def bundle():
     _note("Bundle", None, operation=kind)
     who = actor("fhir:read" if methods <= {"GET"} else "fhir:write")
     settings = _settings()
-    return _respond(fhir_services.bundle_interaction(runtime().store, who, data, _base(), settings.page_size,
-                                                     settings.max_page_size))
+    answer = fhir_services.bundle_interaction(runtime().store, who, data, _base(), settings.page_size,
+                                              settings.max_page_size)
+    audit.note_bundle_entries(runtime().store, who.organization_id, data, answer)
+    return _respond(answer)
 
 
 # -- types -----------------------------------------------------------------------------------------
@@ -153,6 +155,8 @@ def create(resource_type: str):
     result = fhir_services.create(runtime().store, who, resource_type, data,
                                   request.headers.get("If-None-Exist"), base=_base())
     _note(resource_type, result.resource_id)
+    if result.status == 201:  # not a conditional create that found its match
+        audit.note_resource_written(runtime().store, who.organization_id, resource_type, result.resource_id)
     return _resource_response(result, location=True)
 
 
@@ -172,6 +176,7 @@ def update(resource_type: str, resource_id: str):
     data = _body()
     result = fhir_services.update(runtime().store, who, resource_type, resource_id, data,
                                   request.headers.get("If-Match"))
+    audit.note_resource_written(runtime().store, who.organization_id, resource_type, resource_id)
     return _resource_response(result, location=True)
 
 
