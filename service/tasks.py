@@ -23,6 +23,7 @@ from celery import shared_task
 from adapters.errors import AuthError, PermanentError, TransientError
 from service import partners as registry
 from service import runtime, sync_ledger, sync_outbox, sync_pull, sync_push
+from service.logging import describe_exception
 
 log = logging.getLogger("casebridge.sync")
 
@@ -74,7 +75,7 @@ def _push_once(store, case_id: str, partner_id: str, version: int, retries: int,
     except (PermanentError, AuthError) as error:
         sync_ledger.record_failure(store, partner_id, case_id, version, "push", error)
     except Exception as error:  # noqa: BLE001 - a fault of ours: kept as a dead letter, to replay once fixed
-        log.exception("push of case %s to partner %s failed", case_id, partner_id)
+        log.error("push of case %s to partner %s failed: %s", case_id, partner_id, describe_exception(error))
         sync_ledger.record_failure(store, partner_id, case_id, version, "push", error)
     return None
 

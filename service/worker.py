@@ -5,6 +5,9 @@ import os
 from pathlib import Path
 
 from celery import Celery, Task
+from celery.signals import after_setup_logger, after_setup_task_logger
+
+from service.logging import WithoutClientData
 
 #: how often the outbox is turned into tasks, and how often partner pull schedules are checked
 DISPATCH_EVERY_SECONDS = 2.0
@@ -14,6 +17,16 @@ PULL_CHECK_EVERY_SECONDS = 60.0
 def default_broker_url(home: Path) -> str:
     """The embedded broker: Celery over SQLAlchemy on a SQLite file, so sync works with nothing installed."""
     return f"sqla+sqlite:///{home / 'broker.db'}"
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _without_client_data(logger, **_kwargs) -> None:
+    """A worker's logs as the service's: an exception by its type and frames, never its message
+    (Celery sets up its own handlers in the worker process, where ``casebridge serve``'s are not)."""
+    for handler in logger.handlers:
+        if not any(isinstance(f, WithoutClientData) for f in handler.filters):
+            handler.addFilter(WithoutClientData())
 
 
 def celery_init_app(app, broker_url: str) -> Celery:

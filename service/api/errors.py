@@ -1,6 +1,7 @@
 """The one place errors become HTTP responses: ``application/problem+json`` for the JSON API, an
 ``OperationOutcome`` for the FHIR API. A bad request names the field; an unexpected error is a 500
-that says nothing about the data (and is logged without it)."""
+that says nothing about the data, and is logged without it: the route's template (never the path or
+its query), the exception's type and frames, never its message or locals."""
 from __future__ import annotations
 
 import logging
@@ -11,6 +12,7 @@ from werkzeug.exceptions import HTTPException
 
 from service.auth import Unauthenticated
 from service.errors import CasebridgeError, Problem
+from service.logging import WithoutClientData, describe_exception
 
 log = logging.getLogger("casebridge")
 
@@ -50,7 +52,20 @@ def error_response(status: int, code: str, title: str, message: str, problems: l
     return response
 
 
+def log_unexpected(error: BaseException) -> None:
+    """A 500 as an operator needs it: method, route template, the exception's type and frames."""
+    rule = request.url_rule.rule if request.url_rule is not None else "<no route>"
+    log.error("unexpected error handling %s %s: %s", request.method, rule, describe_exception(error),
+              extra={"http_method": request.method, "route": rule, "error_type": type(error).__name__})
+
+
 def register(app: Flask) -> None:
+    # Flask logs an exception no handler took (one raised after the view, by an after_request hook) with
+    # the path and the whole traceback; and its logger writes a hook's failure while answering an error.
+    app.log_exception = lambda exc_info: log_unexpected(exc_info[1])  # type: ignore[method-assign]
+    if not any(isinstance(f, WithoutClientData) for f in app.logger.filters):
+        app.logger.addFilter(WithoutClientData())
+
     @app.errorhandler(CasebridgeError)
     def _casebridge_error(error: CasebridgeError):
         if error.status >= 500:
@@ -69,6 +84,6 @@ def register(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception):
-        log.exception("unexpected error handling %s %s", request.method, request.path)
+        log_unexpected(error)
         return error_response(500, "exception", "Internal error", "an unexpected error occurred; it has been logged",
                               [])

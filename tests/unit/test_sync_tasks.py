@@ -140,13 +140,16 @@ def test_each_case_of_a_batch_that_fails_is_retried_alone_with_the_same_bound(st
     assert sorted((letter.case_id, letter.status) for letter in letters(store)) == sorted([(first.id, 503), (second.id, 503)])
 
 
-def test_a_case_the_push_cannot_handle_becomes_a_dead_letter_and_the_batch_goes_on(store, unavailable_partner):
+def test_a_case_the_push_cannot_handle_becomes_a_dead_letter_and_the_batch_goes_on(store, unavailable_partner,
+                                                                                   caplog):
     stored = save(store, case_json())
 
-    with retries_seen() as seen:
+    with retries_seen() as seen, caplog.at_level("ERROR", logger="casebridge"):
         assert tasks.push_cases.apply(args=("p1", [("no-such-case", 1), (stored.id, stored.version)])).successful()
 
     assert len(seen) == tasks.MAX_RETRIES - 1  # the case after it was still pushed (and retried)
     by_case = {letter.case_id: letter for letter in letters(store)}
     assert "no case no-such-case" in by_case["no-such-case"].error
     assert by_case[stored.id].status == 503
+    logged = caplog.text  # the fault by its type and frames; its message (which may quote data) is withheld
+    assert "NotFound (message withheld)" in logged and "no case no-such-case" not in logged
