@@ -29,7 +29,7 @@ def create_app(config: Optional[dict] = None):
     from service import logging as request_logging
     from service.api import audit as audit_api
     from service import fhir_index
-    from service.api import cases, errors, fhir, health
+    from service.api import body, cases, errors, fhir, health
     from service.api import partners as partners_api
     from service.sync_outbox import on_case_saved
     from service.worker import celery_init_app, default_broker_url
@@ -64,6 +64,7 @@ def create_app(config: Optional[dict] = None):
             token = header[7:].strip() if header[:7].lower() == "bearer " else None
             g.actor = auth.authenticate(store, token)
 
+    app.before_request(body.check_streamed_body)  # after _identify: no body is read for an unknown caller
     return app
 
 

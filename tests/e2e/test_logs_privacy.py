@@ -455,11 +455,11 @@ def test_gunicorn_error_log_holds_no_query_header_or_body(tmp_path) -> None:
                f"GET /cases?name={QUERY} HTTP/{BIRTH_DATE}\r\nHost: x\r\n\r\n"]
         for request in bad:
             assert _raw(port, request.encode()).startswith(b"HTTP/1.1 400 "), request
-        # a body gunicorn cannot read, in the middle of a request the app is answering: a 500
+        # a body gunicorn cannot read, in the middle of a request the app is answering: a 400
         body = f"zz{FAMILY}\r\n{{\"client\": \"{GIVEN}\"}}\r\n0\r\n\r\n"
         answer = _raw(port, (f"POST /cases?name={QUERY} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json"
                              f"\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{body}").encode())
-        assert answer.startswith(b"HTTP/1.1 "), answer
+        assert answer.startswith(b"HTTP/1.1 400 "), answer
         # and requests that succeed or are refused by the app, with client data in the path, query and body
         base, headers = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"}
         assert requests.post(f"{base}/fhir/Patient", json=patient(), headers=headers, timeout=30).status_code == 201
