@@ -14,11 +14,6 @@ import io
 import json
 import logging
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +22,7 @@ from sqlalchemy import func, select
 
 from service import auth, create_app
 from service.store import case_versions, cases, fhir_resources
+from tests.e2e.serving import create_key, serving
 
 pytestmark = pytest.mark.e2e
 
@@ -267,31 +263,6 @@ def test_nesting_at_the_configured_depth_is_not_refused_for_depth(tmp_path, monk
 
 
 # -- the real server -------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _casebridge() -> list[str]:
-    script = Path(sys.executable).with_name("casebridge")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
-
-
-def _wait_until_up(url: str, server: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise AssertionError(f"casebridge serve exited with status {server.returncode}")
-        try:
-            if requests.get(url, timeout=5).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{url} did not answer within {timeout} seconds")
-
-
 def _in_pieces(body: bytes, size: int = 1000):
     """A generator, so requests sends the body chunked (no Content-Length)."""
     for start in range(0, len(body), size):
@@ -304,17 +275,9 @@ def test_casebridge_serve_takes_the_limit_from_the_environment(tmp_path):
     env = dict(os.environ, CASEBRIDGE_HOME=str(home), CASEBRIDGE_DATABASE_URL=f"sqlite:///{home / 'casebridge.db'}",
                CASEBRIDGE_MAX_BODY_BYTES=str(LIMIT))
     env.pop("CASEBRIDGE_MAX_JSON_DEPTH", None)
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = (tmp_path / "serve.log").open("wb")
-    server = subprocess.Popen([*_casebridge(), "serve", "--port", str(port), "--workers", "1", "--no-sync"],
-                              env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        _wait_until_up(f"{base}/healthz", server)
-        created = subprocess.run([*_casebridge(), "keys", "create", "--org", ORG, "--scopes", ",".join(SCOPES)],
-                                 env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
-        assert created.returncode == 0, created.stderr
-        headers = {"Authorization": f"Bearer {created.stdout.strip()}"}
+    with serving(env, tmp_path, "--workers", "1", "--no-sync") as port:
+        base = f"http://127.0.0.1:{port}"
+        headers = {"Authorization": f"Bearer {create_key(env, tmp_path, ORG, ','.join(SCOPES))}"}
 
         def post(path, body, content_type, pieces=False):
             return requests.post(f"{base}{path}", data=_in_pieces(body) if pieces else body, timeout=30,
@@ -340,13 +303,4 @@ def test_casebridge_serve_takes_the_limit_from_the_environment(tmp_path):
         deep = post("/fhir/Patient", arrays(2_000).encode(), FHIR)  # 4,000 bytes: under the size limit
         assert deep.status_code == 400 and deep.json()["issue"][0]["code"] == "invalid", deep.text
         assert requests.get(f"{base}/healthz", timeout=30).status_code == 200
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait(timeout=10)
-        log.close()
     assert "Traceback" not in (tmp_path / "serve.log").read_text(errors="replace")

@@ -15,15 +15,15 @@ import json
 import logging
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import pytest
+
+from tests.e2e.serving import create_key, serving
 
 pytestmark = pytest.mark.e2e
 
@@ -397,11 +397,6 @@ except ValueError as error:
 
 
 # -- gunicorn ----------------------------------------------------------------------------------------
-def _casebridge() -> list[str]:
-    script = Path(sys.executable).with_name("casebridge")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
-
-
 def _raw(port: int, data: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
         connection.sendall(data)
@@ -420,30 +415,9 @@ def test_gunicorn_error_log_holds_no_query_header_or_body(tmp_path) -> None:
 
     home = tmp_path / "home"
     env = dict(os.environ, CASEBRIDGE_HOME=str(home), CASEBRIDGE_DATABASE_URL=f"sqlite:///{home / 'casebridge.db'}")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     log_path = tmp_path / "serve.log"
-    with log_path.open("wb") as log:
-        server = subprocess.Popen([*_casebridge(), "serve", "--port", str(port), "--workers", "1", "--no-sync",
-                                   "--log-level", "debug"], env=env, cwd=tmp_path, stdout=log,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert server.poll() is None, log_path.read_text(errors="replace")
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, "casebridge serve did not start"
-            time.sleep(0.2)
-        created = subprocess.run([*_casebridge(), "keys", "create", "--org", "org-1", "--scopes",
-                                  "cases:read,cases:write,fhir:read,fhir:write"],
-                                 env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
-        assert created.returncode == 0, created.stderr
-        key = created.stdout.strip()
+    with serving(env, tmp_path, "--workers", "1", "--no-sync", "--log-level", "debug", log=log_path) as port:
+        key = create_key(env, tmp_path, "org-1", "cases:read,cases:write,fhir:read,fhir:write")
         auth = f"Authorization: Bearer {key}\r\n"
 
         # requests gunicorn cannot parse: it answers 400 and logs why
@@ -467,14 +441,6 @@ def test_gunicorn_error_log_holds_no_query_header_or_body(tmp_path) -> None:
         assert requests.get(f"{base}/fhir/Patient?name={QUERY}", headers=headers, timeout=30).status_code == 200
         assert requests.post(f"{base}/fhir/Patient?x={QUERY}", json=patient(gender=BAD), headers=headers,
                              timeout=30).status_code == 400
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait(timeout=10)
     text = log_path.read_text(errors="replace")
     leaked = [m for m in MARKERS if m.casefold() in text.casefold()]
     assert not leaked, (leaked, [line for line in text.splitlines() if any(m in line for m in leaked)])

@@ -7,16 +7,14 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import requests
 
 from tests.conftest import _postgres_url
-from tests.e2e.test_serve import _casebridge, _free_port, _wait_until_up
+from tests.e2e.serving import casebridge, create_key, serving
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -36,34 +34,15 @@ def _environment(**settings: str) -> dict:
     return {**env, **settings}
 
 
-@contextmanager
-def _serving(cwd: Path, env: dict, port: int):
-    log = (cwd / "serve.log").open("wb")
-    server = subprocess.Popen([*_casebridge(), "serve", "--port", str(port)], env=env, cwd=cwd, stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        _wait_until_up(f"http://127.0.0.1:{port}/healthz", server)
-        yield
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait(timeout=10)
-        log.close()
-
-
 def test_the_readme_starts_the_service_on_its_defaults_and_its_first_requests_work(tmp_path: Path) -> None:
     setup, first_requests = _shell_blocks("Set up and start the service")
     assert setup.strip().endswith("&& casebridge serve"), setup  # the rest sets up the environment this test runs in
     fixture = re.search(r"@(\S+\.json)", first_requests).group(1)
     (tmp_path / fixture).parent.mkdir(parents=True)
     shutil.copy(ROOT / fixture, tmp_path / fixture)
-    port, env = _free_port(), _environment(PATH=f"{Path(_casebridge()[0]).parent}{os.pathsep}{os.environ['PATH']}")
+    env = _environment(PATH=f"{Path(casebridge()[0]).parent}{os.pathsep}{os.environ['PATH']}")
 
-    with _serving(tmp_path, env, port):
+    with serving(env, tmp_path) as port:
         assert (tmp_path / "instance" / "casebridge.db").exists()  # the embedded default, in ./instance
         commands = first_requests.replace("127.0.0.1:8000", f"127.0.0.1:{port}")
         ran = subprocess.run(["bash", "-euo", "pipefail", "-c", commands], cwd=tmp_path, env=env,
@@ -78,15 +57,10 @@ def test_the_readme_starts_the_service_on_its_defaults_and_its_first_requests_wo
 def test_serve_runs_on_postgresql_when_the_database_url_points_at_one(tmp_path: Path) -> None:
     url = _postgres_url()
     env = _environment(CASEBRIDGE_DATABASE_URL=url, CASEBRIDGE_HOME=str(tmp_path / "home"))
-    port = _free_port()
-    with _serving(tmp_path, env, port):
+    with serving(env, tmp_path) as port:
         base = f"http://127.0.0.1:{port}"
         assert requests.get(f"{base}/readyz", timeout=30).json()["database"] == "reachable"
-        created = subprocess.run([*_casebridge(), "keys", "create", "--org", "org-1", "--scopes",
-                                  "cases:read,cases:write"], env=env, cwd=tmp_path, capture_output=True, text=True,
-                                 timeout=60)
-        assert created.returncode == 0, created.stderr
-        headers = {"Authorization": f"Bearer {created.stdout.strip()}"}
+        headers = {"Authorization": f"Bearer {create_key(env, tmp_path, 'org-1', 'cases:read,cases:write')}"}
         case = (ROOT / "tests" / "fixtures" / "cases" / "minimal.json").read_bytes()
         posted = requests.post(f"{base}/cases", data=case, headers={**headers, "Content-Type": "application/json"},
                                timeout=30)

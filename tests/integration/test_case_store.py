@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from service import auth, create_app, services
+from tests.integration.concurrent import at_once
 
 pytestmark = pytest.mark.integration
 
@@ -32,30 +33,6 @@ def headers(app):
 def record(case_id: str, **fields) -> dict:
     data = json.loads((FIXTURES / "discharge.json").read_text())
     return {**data, "id": case_id, "organization": {**data["organization"], "id": "org-1"}, **fields}
-
-
-def at_once(app, send, count=2) -> list:
-    """``send(client)`` from ``count`` threads released together, each with its own test client."""
-    barrier = threading.Barrier(count)
-    results: list = [None] * count
-
-    def run(i: int) -> None:
-        client = app.test_client()
-        barrier.wait()
-        try:
-            results[i] = send(client, i)
-        except BaseException as error:  # noqa: BLE001 - surfaced below
-            results[i] = error
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-    return results
 
 
 def test_two_updates_of_the_same_version_exactly_one_wins(app, headers):

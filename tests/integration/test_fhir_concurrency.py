@@ -6,7 +6,6 @@ Each writer is a thread with its own test client; a barrier releases them togeth
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from sqlalchemy import func, select
 
 from service import auth, create_app
 from service.store import case_versions, cases
+from tests.integration.concurrent import at_once
 
 pytestmark = pytest.mark.integration
 
@@ -40,31 +40,6 @@ def headers(app):
     key = auth.create_key(app.extensions["casebridge"].store, ORG,
                           ["cases:read", "cases:write", "fhir:read", "fhir:write"])
     return {"Authorization": f"Bearer {key}"}
-
-
-def at_once(app, send, count: int) -> list:
-    """``send(client, i)`` from ``count`` threads released together, each with its own test client."""
-    barrier = threading.Barrier(count)
-    results: list = [None] * count
-
-    def run(i: int) -> None:
-        client = app.test_client()
-        try:
-            barrier.wait(timeout=30)
-            results[i] = send(client, i)
-        except BaseException as error:  # noqa: BLE001 - surfaced below
-            results[i] = error
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert not any(thread.is_alive() for thread in threads), "a writer is still running after two minutes"
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-    return results
 
 
 def counted(app, table, **where) -> int:
