@@ -1,6 +1,11 @@
 """The audit trail over HTTP, for an organization's admins: ``GET /audit`` (JSON) and
 ``GET /fhir/AuditEvent`` / ``GET /fhir/AuditEvent/{id}`` (FHIR R4 AuditEvent). Both need the
-``admin`` scope and show only the caller's own organization's events."""
+``admin`` scope and show only the caller's own organization's events.
+
+The AuditEvent routes follow the rules of every other ``/fhir`` route, by the same code: the FHIR
+blueprint's format check (``_format`` and ``Accept``: JSON or a 406) and its read check (no parameter
+but ``_format``). Both surfaces refuse a parameter they do not know, or one given twice, with a 400
+naming it: never ignored."""
 from __future__ import annotations
 
 import calendar
@@ -13,10 +18,22 @@ import orjson
 from flask import Blueprint, Response, request
 
 from service import actor, audit, runtime
+from service.api import fhir as fhir_api
 from service.errors import Invalid, NotFound, Problem
+from service.fhir_services import AUDIT_EVENT_PARAMS
 
 bp = Blueprint("audit", __name__)
 fhir_bp = Blueprint("fhir_audit", __name__)
+fhir_bp.before_request(fhir_api.negotiate)  # the /fhir content negotiation, for these routes too
+
+#: the query parameters of GET /audit
+AUDIT_PARAMS = ("entity", "since", "limit", "cursor")
+#: the query parameters of GET /fhir/AuditEvent: the search parameters the CapabilityStatement states,
+#: then the result and paging controls (``_cursor`` comes from the Bundle's next link)
+AUDIT_EVENT_SEARCH = (*AUDIT_EVENT_PARAMS, "_count", "_format", "_cursor")
+#: the ones that may be given more than once: ``date`` (each must hold: a range) and, as on every /fhir
+#: route, ``_format`` (the first one counts)
+REPEATABLE = frozenset({"date", "_format"})
 
 FHIR_JSON = "application/fhir+json"
 
@@ -26,6 +43,7 @@ def list_events():
     """Newest first. Filters: ``entity`` (``Type/id`` or an id), ``since`` (a date or date-time);
     paging: ``limit`` and the ``cursor`` of the ``next`` link."""
     who = actor("admin")
+    _check_params(AUDIT_PARAMS, "GET /audit")
     limit = _page_size(request.args.get("limit"), "limit")
     dates = []
     if request.args.get("since"):
@@ -48,6 +66,7 @@ def search_audit_events():
     """Search parameters: ``date`` (with the prefixes eq, gt, ge, lt, le; repeat it for a range),
     ``entity`` (a reference), ``_count``; paging follows the Bundle's ``next`` link."""
     who = actor("admin")
+    _check_params(AUDIT_EVENT_SEARCH, "AuditEvent", search=True)
     limit = _page_size(request.args.get("_count"), "_count")
     dates = [_date_param(value) for value in request.args.getlist("date")]
     entity = request.args.get("entity") or None
@@ -76,6 +95,7 @@ def search_audit_events():
 @fhir_bp.get("/AuditEvent/<event_id>")
 def read_audit_event(event_id: str):
     who = actor("admin")
+    fhir_api.only_format()
     store = runtime().store
     audit.flush()
     event = audit.get(store, who.organization_id, int(event_id)) if event_id.isdigit() else None
@@ -85,6 +105,24 @@ def read_audit_event(event_id: str):
 
 
 # -- parameters -----------------------------------------------------------------------------------
+def _check_params(known: tuple[str, ...], where: str, search: bool = False) -> None:
+    """Every query parameter is one of ``known``, and given once unless it may repeat: else a 400 that
+    names each offending parameter (an OperationOutcome under /fhir, problem+json elsewhere)."""
+    problems = []
+    for name in request.args:
+        base, _, modifier = name.partition(":")
+        if modifier and search and base in known:
+            problems.append(Problem(name, f"the :{modifier} modifier is not supported"))
+        elif name not in known:
+            what = "search parameter" if search else "parameter"
+            problems.append(Problem(name, f"unknown {what} for {where} (supported: {', '.join(known)})"))
+        elif name not in REPEATABLE and len(request.args.getlist(name)) > 1:
+            problems.append(Problem(name, f"given {len(request.args.getlist(name))} times: give it once"))
+    if problems:
+        raise Invalid(f"the {'search' if search else 'query'} is not valid ({len(problems)} problem"
+                      f"{'s' if len(problems) > 1 else ''})", problems)
+
+
 def _json(body: dict, mimetype: str) -> Response:
     return Response(orjson.dumps(body), mimetype=mimetype)
 

@@ -25,7 +25,7 @@ TYPE_RULE = "<any(" + ", ".join(TYPES) + "):resource_type>"
 
 
 @bp.before_request
-def _negotiate():
+def negotiate():
     """JSON only: ``_format`` first, then ``Accept`` (406 when neither JSON nor anything goes)."""
     fmt = request.args.get("_format")
     if fmt is not None:
@@ -165,7 +165,7 @@ def create(resource_type: str):
 def read(resource_type: str, resource_id: str):
     _note(resource_type, resource_id)
     who = actor("fhir:read")
-    _only_format()
+    only_format()
     return _resource_response(fhir_services.read(runtime().store, who, resource_type, resource_id))
 
 
@@ -193,7 +193,7 @@ def history(resource_type: str, resource_id: str):
 def vread(resource_type: str, resource_id: str, version_id: str):
     _note(resource_type, resource_id, operation="vread")
     who = actor("fhir:read")
-    _only_format()
+    only_format()
     return _resource_response(fhir_services.vread(runtime().store, who, resource_type, resource_id, version_id))
 
 
@@ -204,7 +204,8 @@ def everything(resource_id: str):
     return _respond(fhir_services.everything(runtime().store, who, resource_id, _base(), _params()))
 
 
-def _only_format() -> None:
+def only_format() -> None:
+    """A read takes no query parameter but ``_format``: any other is a 400 naming it."""
     unknown = [k for k in request.args if k != "_format"]
     if unknown:
         raise Invalid(f"unknown parameter {unknown[0]}", [Problem(k, "not supported on a read") for k in unknown])
