@@ -9,7 +9,8 @@ The steps, each usable alone::
     rest = unmapped(graph, groups)  # what no group took and casebridge does not map: report it
 
 Validation is the ``fhir.resources.R4B`` model of each resource (R4B serves R4 here), one
-``model_validate`` per resource, plus the required code bindings fhir.resources leaves unchecked.
+``model_validate`` per resource, plus the required code bindings fhir.resources leaves unchecked
+(``mappings.bindings``).
 Nothing here mutates the input: every ``resource`` dict is the caller's own JSON object.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ import orjson
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
+from mappings import bindings
 from service.errors import Invalid, Problem
 
 __all__ = [
@@ -72,10 +74,6 @@ class Entries(list):
         self.bundles: list[Entry] = list(bundles)
 
 
-BUNDLE_TYPES = frozenset({
-    "document", "message", "transaction", "transaction-response", "batch", "batch-response",
-    "history", "searchset", "collection",
-})
 _RESPONSE_BUNDLES = frozenset({"transaction-response", "batch-response"})
 _BOM = "\ufeff"
 
@@ -226,51 +224,6 @@ def _json_kind(value: Any) -> str:
 # --------------------------------------------------------------------------------------------------
 # validate
 
-# Required bindings of the mapped types that fhir.resources does not check (R4 value sets).
-REQUEST_STATUS = ("draft", "active", "on-hold", "revoked", "completed", "entered-in-error", "unknown")
-REQUEST_PRIORITY = ("routine", "urgent", "asap", "stat")
-CODES: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
-    # resource type -> element -> (value set, codes)
-    "CarePlan": {
-        "status": ("request-status", REQUEST_STATUS),
-        "intent": ("care-plan-intent", ("proposal", "plan", "order", "option")),
-    },
-    "Goal": {
-        "lifecycleStatus": ("goal-status", (
-            "proposed", "planned", "accepted", "active", "on-hold", "completed", "cancelled",
-            "entered-in-error", "rejected")),
-    },
-    "ServiceRequest": {
-        "status": ("request-status", REQUEST_STATUS),
-        "intent": ("request-intent", (
-            "proposal", "plan", "directive", "order", "original-order", "reflex-order",
-            "filler-order", "instance-order", "option")),
-        "priority": ("request-priority", REQUEST_PRIORITY),
-    },
-    "Task": {
-        "status": ("task-status", (
-            "draft", "requested", "received", "accepted", "rejected", "ready", "cancelled",
-            "in-progress", "on-hold", "failed", "completed", "entered-in-error")),
-        "intent": ("task-intent", (
-            "unknown", "proposal", "plan", "order", "original-order", "reflex-order",
-            "filler-order", "instance-order", "option")),
-        "priority": ("request-priority", REQUEST_PRIORITY),
-    },
-    "Patient": {
-        "gender": ("administrative-gender", ("male", "female", "other", "unknown")),
-    },
-    "Bundle": {
-        "type": ("bundle-type", tuple(sorted(BUNDLE_TYPES))),
-    },
-}
-CAREPLAN_ACTIVITY_STATUS = ("care-plan-activity-status", (
-    "not-started", "scheduled", "in-progress", "on-hold", "completed", "cancelled", "stopped",
-    "unknown", "entered-in-error"))
-HTTP_VERB = ("http-verb", ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"))
-SEARCH_ENTRY_MODE = ("search-entry-mode", ("match", "include", "outcome"))
-_CODE_SETS = {resource_type: {element: (name, frozenset(codes)) for element, (name, codes) in table.items()}
-              for resource_type, table in CODES.items()}
-
 _PLAIN_ENTRY = frozenset({"fullUrl", "resource"})
 _MODELS: dict[Any, Any] = {}
 _RESOURCE_NAME = re.compile(r"[A-Z][A-Za-z]{1,63}")
@@ -327,7 +280,7 @@ def validate_resource(resource: dict, path: str = "") -> list[Problem]:
         found: list[tuple[Loc, str]] = []
     except Exception as error:  # ValidationError, or a KeyError from fhir.resources on odd input
         found = _all_structure_problems(model, resource, error)
-    _check_codes(resource_type, resource, (), found)
+    found += bindings.check(resource_type, resource)
     contained = resource.get("contained")
     if type(contained) is list:
         for index, item in enumerate(contained):
@@ -336,8 +289,8 @@ def validate_resource(resource: dict, path: str = "") -> list[Problem]:
                 if item_type is None:
                     found.append((("contained", index, "resourceType"),
                                   "a contained resource needs a resourceType"))
-                elif item_type in _CODE_SETS:
-                    _check_codes(item_type, item, ("contained", index), found)
+                else:
+                    found += bindings.check(item_type, item, ("contained", index))
     return _to_problems(root, found)
 
 
@@ -366,42 +319,8 @@ def _validate_envelope(bundle: dict, root: str) -> list[Problem]:
         if positions:
             found = [(("entry", positions[loc[1]]) + loc[2:] if loc[:1] == ("entry",) and len(loc) > 1
                       and type(loc[1]) is int else loc, message) for loc, message in found]
-    _check_codes("Bundle", bundle, (), found)
-    if type(entries) is list:
-        for index, item in enumerate(entries):
-            if type(item) is not dict:
-                continue
-            for element, code, (name, codes) in (("request", "method", HTTP_VERB),
-                                                 ("search", "mode", SEARCH_ENTRY_MODE)):
-                part = item.get(element)
-                value = part.get(code) if type(part) is dict else None
-                if type(value) is str and value not in codes:
-                    found.append((("entry", index, element, code), _code_message(value, name, codes)))
+    found += bindings.check("Bundle", bundle)
     return _to_problems(root, found)
-
-
-def _check_codes(resource_type: str, resource: dict, loc: Loc, found: list) -> None:
-    table = _CODE_SETS.get(resource_type)
-    if table is None:
-        return
-    for element, (name, codes) in table.items():
-        value = resource.get(element)
-        if type(value) is str and value not in codes:
-            found.append((loc + (element,), _code_message(value, name, codes)))
-    if resource_type == "CarePlan":
-        activities = resource.get("activity")
-        if type(activities) is list:
-            name, codes = CAREPLAN_ACTIVITY_STATUS
-            for index, activity in enumerate(activities):
-                detail = activity.get("detail") if type(activity) is dict else None
-                value = detail.get("status") if type(detail) is dict else None
-                if type(value) is str and value not in codes:
-                    found.append((loc + ("activity", index, "detail", "status"),
-                                  _code_message(value, name, codes)))
-
-
-def _code_message(value: str, value_set: str, codes: Iterable[str]) -> str:
-    return f"{value!r} is not a code of the required value set {value_set} ({', '.join(sorted(codes))})"
 
 
 def _to_problems(root: str, found: list[tuple[Loc, str]]) -> list[Problem]:
