@@ -106,6 +106,11 @@ def _merge_ranges(values: Iterable[Optional[str]]) -> tuple[Optional[str], Optio
     return min(r[0] for r in ranges), max(r[1] for r in ranges)
 
 
+def identifier_tokens(resource: dict) -> list[tuple[str, Optional[str], str]]:
+    """The ``identifier`` tokens of a resource: (param, system, value) of each identifier with a value."""
+    return [("identifier", i.get("system"), i["value"]) for i in resource.get("identifier", ()) if i.get("value")]
+
+
 def search_values(resource: dict) -> tuple[dict, list[tuple[str, Optional[str], str]]]:
     """(the row's search columns, the (param, system, code) tokens) of one resource."""
     rtype = resource["resourceType"]
@@ -123,7 +128,7 @@ def search_values(resource: dict) -> tuple[dict, list[tuple[str, Optional[str], 
         row["name"] = " " + " ".join(words) + " " if words else None
         row["gender"] = resource.get("gender")
         row["date_lo"], row["date_hi"] = _merge_ranges([resource.get("birthDate")])
-        tokens += [("identifier", i.get("system"), i["value"]) for i in resource.get("identifier", ()) if i.get("value")]
+        tokens += identifier_tokens(resource)
     else:
         subject = resource.get("for" if rtype == "Task" else "subject")
         row["patient_id"] = reference_id(subject, "Patient")
@@ -146,6 +151,7 @@ def search_values(resource: dict) -> tuple[dict, list[tuple[str, Optional[str], 
         row["date_lo"], row["date_hi"] = _merge_ranges([resource.get("authoredOn")])
         tokens += [("category", s, c) for s, c in _codings(resource.get("category"))]
         tokens += [("code", s, c) for s, c in _codings([resource.get("code")])]
+        tokens += identifier_tokens(resource)
     elif rtype == "Condition":
         tokens += [("category", s, c) for s, c in _codings(resource.get("category"))]
         tokens += [("code", s, c) for s, c in _codings([resource.get("code")])]

@@ -94,6 +94,8 @@ PARAMS: dict[str, dict[str, Param]] = {
         "code": Param("token", "token", "code", "what is requested: system|code, code or |code"),
         "authored": Param("date", "date", doc="when the request was made"),
         "status": Param("column", "token", "status", "the request's status"),
+        "identifier": Param("token", "token", "identifier", "an identifier of the request (a referrer's own, or "
+                                                            "the record's): system|value, value or |value"),
     },
     "Condition": {
         "patient": _PATIENT, "subject": _SUBJECT,
@@ -694,15 +696,43 @@ def _skeleton(case_id: str, organization: dict, client: dict, patient_id: Option
     return data
 
 
+#: where a plan names each kind of resource it holds: (element, the reference inside an item, or "")
+_PLAN_LINKS = {"ServiceRequest": ("activity", "reference"), "Goal": ("goal", ""), "Condition": ("addresses", "")}
+
+
 def _link(plan: dict, resource: dict) -> None:
-    """Put a new resource in the plan, so the import keeps it in the case."""
-    ref = {"reference": f"{resource['resourceType']}/{resource['id']}"}
-    if resource["resourceType"] == "ServiceRequest":
-        plan.setdefault("activity", []).append({"reference": ref})
-    elif resource["resourceType"] == "Goal":
-        plan.setdefault("goal", []).append(ref)
-    elif resource["resourceType"] == "Condition":
-        plan.setdefault("addresses", []).append(ref)
+    """Put a new resource in the plan, so the import keeps it in the case (once: a plan posted in the
+    same transaction may name it already)."""
+    rtype = resource["resourceType"]
+    if rtype not in _PLAN_LINKS:
+        return
+    element, inner = _PLAN_LINKS[rtype]
+    items = plan.setdefault(element, [])
+    named = {reference_id(item.get(inner) if inner else item, rtype) for item in items if isinstance(item, dict)}
+    if resource["id"] not in named:
+        ref = {"reference": f"{rtype}/{resource['id']}"}
+        items.append({inner: ref} if inner else ref)
+
+
+def _case_plan(written: dict, exported: dict, case_id: str) -> dict:
+    """A written CarePlan as its case's plan: the plan's id and the case's identifier, and the links that
+    make the case's resources one case, whatever else the plan names. Its subject is the record's patient
+    (named as the record names it when the plan names the same patient otherwise, or no one); its care
+    teams keep the case's own (the record's case manager and team), with those the plan names beside it.
+    Everything else is as written (goals, needs and activities the plan names in other cases stay
+    references there)."""
+    plan = copy.deepcopy(written)
+    plan["id"] = exported["id"]
+    plan["identifier"] = [i for i in plan.get("identifier", ()) if i.get("system") != ids.SID_CASE] + [
+        {"system": ids.SID_CASE, "value": case_id}]
+    patient_id = reference_id(exported["subject"], "Patient")
+    subject = plan.get("subject")
+    if not subject or reference_id(subject, "Patient") == patient_id:
+        plan["subject"] = {**(subject or {}), **exported["subject"]}
+    teams = plan.get("careTeam") or []
+    named = {reference_id(team, "CareTeam") for team in teams}
+    plan["careTeam"] = teams + [t for t in exported.get("careTeam", ()) if reference_id(t, "CareTeam") not in named]
+    return plan
 
 
 def _rebuild(case: Case, replace: dict[tuple[str, str], dict], add: list[dict],
@@ -713,13 +743,7 @@ def _rebuild(case: Case, replace: dict[tuple[str, str], dict], add: list[dict],
     entries = bundle["entry"]
     plan_entry = next(e for e in entries if e["resource"]["resourceType"] == "CarePlan")
     if plan is not None:
-        plan = copy.deepcopy(plan)
-        plan["id"] = plan_entry["resource"]["id"]
-        plan["identifier"] = [i for i in plan.get("identifier", ()) if i.get("system") != ids.SID_CASE] + [
-            {"system": ids.SID_CASE, "value": case.id}]
-        for key in ("subject",):
-            plan[key] = plan_entry["resource"][key] if not plan.get(key) else plan[key]
-        plan_entry["resource"] = plan
+        plan_entry["resource"] = _case_plan(plan, plan_entry["resource"], case.id)
     for entry in entries:
         key = (entry["resource"]["resourceType"], entry["resource"].get("id"))
         if key in replace:
@@ -812,9 +836,10 @@ def create(store: Store, actor, resource_type: str, resource: Any, if_none_exist
            conn: Optional[Connection] = None, path: str = "", resource_id: Optional[str] = None,
            base: str = DEFAULT_BASE_URL) -> Result:
     """Create a resource: a Patient, a ServiceRequest (an inbound referral) or a CarePlan starts a new
-    intake case of the caller's organization; a Goal or Condition joins the patient's newest open
-    case; a Task joins its ServiceRequest's case. With ``if_none_exist`` (a search query), an existing
-    match is given back instead (status 200), even when two such creates run at once."""
+    case of the caller's organization (intake, or the plan's status); a Goal or Condition joins the
+    patient's newest open case; a Task joins its ServiceRequest's case (``CREATES``). With
+    ``if_none_exist`` (a search query), an existing match is given back instead (status 200), even
+    when two such creates run at once."""
     check_type(resource_type)
     written = incoming(resource, resource_type, path)
     written["id"] = resource_id or str(uuid.uuid4())
@@ -889,7 +914,7 @@ def _create(store: Store, actor, written: dict, conn: Connection, path: str) -> 
             written = _as_referral(written)
             saved = _new_case(store, actor, conn, None, [written], (source, patient_id))
         else:
-            saved = _new_case(store, actor, conn, None, [], (source, patient_id), plan=written)
+            saved = _new_case(store, actor, conn, None, [], (source, patient_id), plan=_new_plan(written, path))
             rid = CaseIds(schemas.load_case(saved.data)).plan
     elif rtype in ("Goal", "Condition"):
         source = _subject_case(conn, store, actor, written, "subject", path)
@@ -930,6 +955,15 @@ def _create(store: Store, actor, written: dict, conn: Connection, path: str) -> 
                   rtype, rid)
 
 
+def _new_plan(plan: dict, path: str) -> dict:
+    """A posted CarePlan, which starts a case: not one entered in error (that is a deletion)."""
+    if plan.get("status") == "entered-in-error":
+        raise Unprocessable("a new CarePlan can't be entered in error",
+                            [Problem(f"{path or 'CarePlan'}.status", "a posted plan starts a case: use draft, "
+                                                                     "active, on-hold, completed or revoked")])
+    return plan
+
+
 def _as_referral(request: dict) -> dict:
     """An inbound ServiceRequest is a referral to the case team (so it gets a Task to track)."""
     if not any(e.get("url") == ids.EXT_SERVICE_KIND for e in request.get("extension", ())):
@@ -939,9 +973,12 @@ def _as_referral(request: dict) -> dict:
 
 
 def _new_case(store: Store, actor, conn: Connection, patient: Optional[dict], add: list[dict],
-              source: Optional[tuple[StoredCase, str]], plan: Optional[dict] = None) -> StoredCase:
+              source: Optional[tuple[StoredCase, str]], plan: Optional[dict] = None,
+              patient_ref: Optional[str] = None) -> StoredCase:
     """A new intake case of the caller's organization: for a posted Patient, or for the client of an
-    existing Patient (``source``: a case holding it, and its id); with ``add`` in it."""
+    existing Patient (``source``: a case holding it, and its id); with ``add`` in it, and ``plan`` as
+    its CarePlan. ``patient_ref`` is how ``add`` and ``plan`` name a posted Patient (in a transaction),
+    before it has the record's id."""
     case_id = _new_case_id()
     org = {"id": actor.organization_id}
     if patient is not None:
@@ -949,6 +986,9 @@ def _new_case(store: Store, actor, conn: Connection, patient: Optional[dict], ad
         data = _skeleton(case_id, org, {"id": client.id} if client.id else {})
         patient["id"] = CaseIds(schemas.load_case(data)).patient
         replace = {("Patient", patient["id"]): patient}
+        if patient_ref:
+            urls = {patient_ref: f"Patient/{patient['id']}"}
+            add, plan = [_rewrite(r, urls) for r in add], _rewrite(plan, urls)
     else:
         stored, patient_id = source
         if stored.data["organization"]["id"] == actor.organization_id:
@@ -1056,14 +1096,21 @@ def _transaction(store: Store, actor, entries: list, base: str, conn: Connection
     # a new Patient and what the same transaction posts for it make one new case
     grouped = _patient_groups(entries, requests, ids_of)
     done: set[int] = set()
+    renamed: dict[str, str] = {}
     for patient_index, members in grouped.items():
         try:
-            responses_of = _create_group(store, actor, entries, patient_index, members, ids_of, conn, base)
+            responses_of, patient_id = _create_group(store, actor, entries, patient_index, members, ids_of, conn,
+                                                     base)
         except CasebridgeError as error:
             raise _with_entry(error, patient_index) from None
         for index, response in responses_of.items():
             responses[index] = response
             done.add(index)
+        renamed[f"Patient/{ids_of[patient_index]}"] = f"Patient/{patient_id}"
+    # what else names a new Patient (a second CarePlan: another case of the client) names it by its id
+    entries = [{**e, "resource": _rewrite(e["resource"], renamed)}
+               if i not in done and renamed and isinstance(e.get("resource"), dict) else e
+               for i, e in enumerate(entries)]
     for index in sorted(range(len(entries)), key=lambda i: _ORDER.get(requests[i][0], 9)):
         if index in done:
             continue
@@ -1083,6 +1130,7 @@ def _patient_groups(entries: list, requests: list, ids_of: dict[int, str]) -> di
     patients = {f"Patient/{ids_of[i]}": i for i, (e, (m, _)) in enumerate(zip(entries, requests))
                 if m == "POST" and isinstance(e.get("resource"), dict) and e["resource"].get("resourceType") == "Patient"}
     requests_of: dict[str, int] = {}
+    planned: set[str] = set()
     for index, (entry, (method, _)) in enumerate(zip(entries, requests)):
         resource = entry.get("resource") if isinstance(entry, dict) else None
         if method != "POST" or not isinstance(resource, dict):
@@ -1090,8 +1138,10 @@ def _patient_groups(entries: list, requests: list, ids_of: dict[int, str]) -> di
         rtype = resource.get("resourceType")
         if rtype in ("ServiceRequest", "Goal", "Condition", "CarePlan"):
             subject = (resource.get("subject") or {}).get("reference")
-            if subject in patients:
+            if subject in patients and not (rtype == "CarePlan" and subject in planned):
                 groups.setdefault(patients[subject], []).append(index)
+                if rtype == "CarePlan":  # the case's plan; another plan is another case of the client
+                    planned.add(subject)
                 if rtype == "ServiceRequest":
                     requests_of[f"ServiceRequest/{ids_of[index]}"] = patients[subject]
     for index, (entry, (method, _)) in enumerate(zip(entries, requests)):
@@ -1106,31 +1156,24 @@ def _patient_groups(entries: list, requests: list, ids_of: dict[int, str]) -> di
 
 
 def _create_group(store: Store, actor, entries: list, patient_index: int, members: list[int],
-                  ids_of: dict[int, str], conn: Connection, base: str) -> dict[int, dict]:
+                  ids_of: dict[int, str], conn: Connection, base: str) -> tuple[dict[int, dict], str]:
+    """A posted Patient and what the transaction posts for it, as one new case: the responses by entry,
+    and the Patient's id (the record's)."""
     path = f"Bundle.entry[{patient_index}].resource"
     patient = incoming(entries[patient_index]["resource"], "Patient", path)
-    old_id = ids_of[patient_index]
     plan = None
     add = []
-    tasks = []
     for index in members:
-        resource = incoming(entries[index]["resource"], None, f"Bundle.entry[{index}].resource")
+        where = f"Bundle.entry[{index}].resource"
+        resource = incoming(entries[index]["resource"], None, where)
         resource["id"] = ids_of[index]
         if resource["resourceType"] == "CarePlan":
-            plan = resource
-        elif resource["resourceType"] == "Task":
-            tasks.append(resource)
+            plan = _new_plan(resource, where)
         else:
             add.append(_as_referral(resource) if resource["resourceType"] == "ServiceRequest" else resource)
-    saved = _new_case(store, actor, conn, patient, [], None, plan=plan)
-    # the Patient's id is the record's; point the group at it, then add the rest
-    new_id = patient["id"]
-    urls = {f"Patient/{old_id}": f"Patient/{new_id}"}
-    add = [_rewrite(r, urls) for r in add]
-    tasks = [_rewrite(t, urls) for t in tasks]
-    if add or tasks:
-        data = _rebuild(schemas.load_case(saved.data), {}, add + tasks)
-        saved = store.update_case(actor.organization_id, saved.id, saved.version, data, actor=actor.key_id, conn=conn)
+    saved = _new_case(store, actor, conn, patient, add, None, plan=plan,
+                      patient_ref=f"Patient/{ids_of[patient_index]}")
+    new_id = patient["id"]  # the record's own id for its client's Patient
     resources = _Cases(store, actor.organization_id, conn).resources(saved)
     out = {}
     for index, (rtype, rid) in [(patient_index, ("Patient", new_id))] + [
@@ -1140,7 +1183,7 @@ def _create_group(store: Store, actor, entries: list, patient_index: int, member
         found = resources.get((rtype, rid))
         out[index] = _response(Result(with_meta(found, saved.version, saved.updated_at) if found else None,
                                       saved.version, saved.updated_at, 201, rtype, rid), base)
-    return out
+    return out, new_id
 
 
 def _response(result: Result, base: str) -> dict:
@@ -1208,8 +1251,20 @@ CASE_INTERACTIONS = {
     "create": "If-None-Exist (a search query) gives back the one match (200) instead of creating",
     "search-type": "GET, or POST _search with a form",
 }
-#: the case types a POST creates: a CarePlan comes with its case (a created Patient or ServiceRequest)
-CREATED_TYPES = ("Patient", "Goal", "ServiceRequest", "Condition", "Task")
+#: the case types a POST creates, and what a create of each does to the case records (``create``)
+CREATES = {
+    "Patient": "A Patient starts a new intake case, with the Patient as its client.",
+    "CarePlan": "A CarePlan starts a new case for its subject's client (its status is the case's: draft is "
+                "intake; not entered-in-error). The plan keeps the case's own care team beside any it names; "
+                "goals, conditions and activities it names in other cases stay references to them.",
+    "Goal": "A Goal joins its subject's newest open case (else starts one).",
+    "ServiceRequest": "A ServiceRequest is an inbound referral: it starts a new intake case for its subject's "
+                      "client, with a Task to track it. If-None-Exist: identifier=system|value keeps a resent "
+                      "referral single.",
+    "Condition": "A Condition joins its subject's newest open case (else starts one).",
+    "Task": "A Task joins its focus ServiceRequest's case (one Task per ServiceRequest).",
+}
+CREATED_TYPES = tuple(CREATES)  # every case type
 EVERYTHING = {"name": "everything", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
               "documentation": "GET Patient/[id]/$everything: the patient and every resource of every case of the "
                                "patient, in one page; no parameter but _format (start, end, _since, _type and "
@@ -1254,6 +1309,8 @@ def _case_resource(rtype: str) -> dict:
     if not created:
         resource["documentation"] = (f"No create: a {rtype} comes with its case (create a Patient or a "
                                      "ServiceRequest), and changes with update.")
+    else:
+        resource["documentation"] = CREATES[rtype]
     if rtype == "Patient":
         resource["operation"] = [EVERYTHING]
     return resource
@@ -1264,8 +1321,8 @@ def _audit_event_resource() -> dict:
         "type": "AuditEvent",
         "profile": "http://hl7.org/fhir/StructureDefinition/AuditEvent",
         "documentation": "The audit trail of the caller's organization, for a key with the admin scope. Events "
-                         "have no versions. Search takes date, entity and _count and ignores any other "
-                         "parameter.",
+                         "have no versions. Search takes date, entity and _count; any other parameter is "
+                         "refused (400).",
         "interaction": _interactions(AUDIT_EVENT_INTERACTIONS),
         "versioning": "no-version",
         "readHistory": False,
@@ -1292,7 +1349,7 @@ def capability_statement(base: str) -> dict:
         "rest": [{
             "mode": "server",
             "documentation": "Every resource but AuditEvent is a view of a case record; a write changes the case. "
-                             "Search parameters not listed are refused (400), except on AuditEvent. Paging: "
+                             "Search parameters not listed are refused (400). Paging: "
                              "_count with next links. DELETE, PATCH, conditional update and XML are not "
                              "supported.",
             "security": {"cors": False, "description": "Authorization: Bearer <API key>, with the fhir:read and "

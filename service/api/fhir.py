@@ -49,7 +49,11 @@ def _settings():
 
 
 def _respond(body: Optional[dict], status: int = 200, headers: Optional[dict] = None) -> Response:
-    response = Response(orjson.dumps(body) if body is not None else b"", status=status, mimetype=FHIR_JSON)
+    if body is None:  # Prefer: return=minimal: no content, so no content type either
+        response = Response(b"", status=status)
+        del response.headers["Content-Type"]
+    else:
+        response = Response(orjson.dumps(body), status=status, mimetype=FHIR_JSON)
     for name, value in (headers or {}).items():
         response.headers[name] = value
     return response

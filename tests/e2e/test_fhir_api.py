@@ -80,7 +80,10 @@ def test_metadata_needs_no_key_and_states_what_is_supported(client):
         "_id": "token", "_lastUpdated": "date", "patient": "reference", "subject": "reference", "category": "token",
         "goal": "reference", "date": "date", "status": "token"}
     assert sorted(plan["searchInclude"]) == ["CarePlan:goal", "CarePlan:patient", "CarePlan:subject"]
-    assert [i["code"] for i in plan["interaction"]] == ["read", "vread", "update", "history-instance", "search-type"]
+    assert [i["code"] for i in plan["interaction"]] == [
+        "read", "vread", "update", "history-instance", "create", "search-type"]
+    assert plan["conditionalCreate"] is True
+    assert {p["name"]: p["type"] for p in by_type["ServiceRequest"]["searchParam"]}["identifier"] == "token"
     assert [i["code"] for i in by_type["Goal"]["interaction"]] == [
         "read", "vread", "update", "history-instance", "create", "search-type"]
     assert [i["code"] for i in audit["interaction"]] == ["read", "search-type"]
@@ -586,3 +589,238 @@ def test_never_a_500_on_odd_input(client, seeded, headers):
             response = getattr(client, method)(url, data=json.dumps(body), headers={**headers, "Content-Type": FHIR})
             assert 400 <= response.status_code < 500, (url, body, response.json)
             assert response.json["resourceType"] == "OperationOutcome"
+
+
+# -- CarePlan create: a new case for the plan's patient ---------------------------------------------
+SID_CASE = "https://casebridge.dev/fhir/sid/case"
+SDOH = "http://hl7.org/fhir/us/core/CodeSystem/us-core-category"
+
+
+def plans_case(store, plan: dict):
+    """The case a CarePlan is the plan of (its case identifier names it)."""
+    (case_id,) = [i["value"] for i in plan["identifier"] if i["system"] == SID_CASE]
+    return store.get_case("org-1", case_id)
+
+
+def sdoh_plan(patient_id: str, **elements) -> dict:
+    """A US Core CarePlan as an SDOH app posts it."""
+    return {"resourceType": "CarePlan",
+            "meta": {"profile": ["http://hl7.org/fhir/us/core/StructureDefinition/us-core-careplan"]},
+            "text": {"status": "additional", "div": '<div xmlns="http://www.w3.org/1999/xhtml">Food security</div>'},
+            "identifier": [{"system": "urn:sdoh-app:plan", "value": "P-1"}],
+            "status": "active", "intent": "plan", "title": "Food security",
+            "category": [{"coding": [{"system": "http://hl7.org/fhir/us/core/CodeSystem/careplan-category",
+                                      "code": "assess-plan"}]}, {"coding": [{"system": SDOH, "code": "sdoh"}]}],
+            "subject": {"reference": f"Patient/{patient_id}", "display": "Malena"},
+            "period": {"start": "2024-06-01"},
+            "activity": [{"detail": {"status": "scheduled", "description": "Weekly food pantry visits"}}],
+            **elements}
+
+
+def test_create_care_plan_starts_a_case_for_its_patient(client, store, headers):
+    store.add_case("org-1", case_json("realistic"))
+    patient, old_plan = all_of(client, "Patient", headers)[0], all_of(client, "CarePlan", headers)[0]
+    goal, condition = all_of(client, "Goal", headers)[0], all_of(client, "Condition", headers)[0]
+    posted = sdoh_plan(patient["id"], careTeam=old_plan["careTeam"], goal=[{"reference": f"Goal/{goal['id']}"}],
+                       addresses=[{"reference": f"Condition/{condition['id']}"}])
+    response = client.post("/fhir/CarePlan", json=posted, headers=headers)
+    assert response.status_code == 201, response.json
+    plan = response.json
+    valid(plan)
+    assert response.headers["Location"] == f"http://testserver/fhir/CarePlan/{plan['id']}/_history/1"
+    assert response.headers["ETag"] == 'W/"1"'
+    assert get(client, f"/fhir/CarePlan/{plan['id']}", headers) == plan
+    # as written: the goal and the condition it names are the patient's other case's
+    for element in ("status", "intent", "title", "category", "subject", "period", "activity", "goal", "addresses",
+                    "text", "meta"):
+        assert plan[element] == {**posted, "meta": {**posted["meta"], **plan["meta"]}}[element], element
+    assert plan["identifier"][0] == posted["identifier"][0]
+    # a new case of the client, besides the one the plan names: the plan keeps the case's own care team
+    case = plans_case(store, plan)
+    assert case.id != case_json()["id"] and case.data["client"]["id"] == case_json()["client"]["id"]
+    assert (case.data["status"], case.data["opened"]) == ("active", "2024-06-01")
+    assert len(store.list_cases("org-1")) == 2
+    assert plan["careTeam"][0] == old_plan["careTeam"][0] and len(plan["careTeam"]) == 2
+    everything = get(client, f"/fhir/Patient/{patient['id']}/$everything", headers)
+    assert plan["careTeam"][1]["reference"] in {f"CareTeam/{e['resource']['id']}" for e in everything["entry"]
+                                                if e["resource"]["resourceType"] == "CareTeam"}
+    # found as any plan: by patient, category and the goal it names (and with it)
+    assert ids(get(client, f"/fhir/CarePlan?patient={patient['id']}&category={SDOH}|sdoh", headers)) == [plan["id"]]
+    assert sorted(ids(get(client, f"/fhir/CarePlan?goal=Goal/{goal['id']}", headers))) == sorted(
+        [plan["id"], old_plan["id"]])
+    included = get(client, f"/fhir/CarePlan?_id={plan['id']}&_include=CarePlan:goal", headers)
+    assert ids(included, "include") == [goal["id"]]
+    # and changed with update, If-Match naming its version
+    changed = {**plan, "title": "Food and housing"}
+    response = client.put(f"/fhir/CarePlan/{plan['id']}", json=changed, headers={**headers, "If-Match": 'W/"1"'})
+    assert response.status_code == 200, response.json
+    assert response.headers["ETag"] == 'W/"2"' and response.json["careTeam"] == plan["careTeam"]
+    assert plans_case(store, plan).data["title"] == "Food and housing"
+    stale = client.put(f"/fhir/CarePlan/{plan['id']}", json=changed, headers={**headers, "If-Match": 'W/"1"'})
+    assert stale.status_code == 412
+
+
+def test_create_the_smallest_care_plan(client, store, headers):
+    store.add_case("org-1", case_json("realistic"))
+    patient = all_of(client, "Patient", headers)[0]
+    posted = {"resourceType": "CarePlan", "status": "draft", "intent": "plan",
+              "subject": {"reference": f"http://testserver/fhir/Patient/{patient['id']}"}}
+    response = client.post("/fhir/CarePlan", json=posted, headers={**headers, "Prefer": "return=minimal"})
+    assert response.status_code == 201 and response.get_data() == b""
+    plan = get(client, response.headers["Location"], headers)
+    valid(plan)
+    assert plan["subject"] == {"reference": f"Patient/{patient['id']}"}
+    assert [t["reference"].split("/")[0] for t in plan["careTeam"]] == ["CareTeam"]  # its case's own
+    case = plans_case(store, plan)
+    assert case.data["status"] == "intake" and case.data["client"]["id"] == case_json()["client"]["id"]
+    # a Goal posted next joins the newest open case of the patient: this plan's
+    goal = {"resourceType": "Goal", "lifecycleStatus": "active", "description": {"text": "Stable housing"},
+            "subject": {"reference": f"Patient/{patient['id']}"}}
+    response = client.post("/fhir/Goal", json=goal, headers=headers)
+    assert response.status_code == 201, response.json
+    plan = get(client, f"/fhir/CarePlan/{plan['id']}", headers)
+    assert plan["goal"] == [{"reference": f"Goal/{response.json['id']}"}] and plan["meta"]["versionId"] == "2"
+    assert [g["description"] for g in plans_case(store, plan).data["goals"]] == ["Stable housing"]
+
+
+def test_conditional_create_of_a_care_plan(client, store, headers):
+    store.add_case("org-1", case_json("realistic"))
+    patient = all_of(client, "Patient", headers)[0]
+    condition = {"If-None-Exist": f"patient={patient['id']}&category={SDOH}|sdoh"}
+    first = client.post("/fhir/CarePlan", json=sdoh_plan(patient["id"]), headers={**headers, **condition})
+    second = client.post("/fhir/CarePlan", json=sdoh_plan(patient["id"]), headers={**headers, **condition})
+    assert (first.status_code, second.status_code) == (201, 200), second.json
+    assert first.json["id"] == second.json["id"] and second.headers["ETag"] == 'W/"1"'
+    assert len(store.list_cases("org-1")) == 2
+    assert get(client, f"/fhir/CarePlan?patient={patient['id']}", headers)["total"] == 2
+    bad = client.post("/fhir/CarePlan", json=sdoh_plan(patient["id"]), headers={**headers, "If-None-Exist": "shoe=9"})
+    assert bad.status_code == 400 and bad.json["resourceType"] == "OperationOutcome"
+
+
+def test_care_plan_in_a_transaction(client, store, headers):
+    patient_url, goal_url, need_url = (f"urn:uuid:{n * 8}-{n * 4}-4{n * 3}-8{n * 3}-{n * 12}" for n in "123")
+    second_plan_url = "urn:uuid:44444444-4444-4444-8444-444444444444"
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": patient_url, "resource": new_patient("Mensah", "MRN-P"),
+         "request": {"method": "POST", "url": "Patient"}},
+        {"fullUrl": need_url, "resource": {"resourceType": "Condition", "code": {"text": "Food insecurity"},
+                                           "subject": {"reference": patient_url}},
+         "request": {"method": "POST", "url": "Condition"}},
+        {"fullUrl": goal_url, "resource": {"resourceType": "Goal", "lifecycleStatus": "active",
+                                           "description": {"text": "Food security"},
+                                           "subject": {"reference": patient_url}},
+         "request": {"method": "POST", "url": "Goal"}},
+        {"resource": {"resourceType": "CarePlan", "status": "active", "intent": "plan", "title": "Food",
+                      "subject": {"reference": patient_url}, "goal": [{"reference": goal_url}],
+                      "addresses": [{"reference": need_url}]},
+         "request": {"method": "POST", "url": "CarePlan"}},
+        {"fullUrl": second_plan_url, "resource": {"resourceType": "CarePlan", "status": "draft", "intent": "plan",
+                                                  "title": "Housing", "subject": {"reference": patient_url}},
+         "request": {"method": "POST", "url": "CarePlan"}},
+    ]}
+    response = client.post("/fhir", json=bundle, headers=headers)
+    assert response.status_code == 200, response.json
+    result = response.json
+    valid(result)
+    assert [e["response"]["status"] for e in result["entry"]] == ["201 Created"] * 5
+    patient_id, need_id, goal_id, plan_id, second_id = (e["resource"]["id"] for e in result["entry"])
+    plan = get(client, f"/fhir/CarePlan/{plan_id}", headers)
+    assert result["entry"][3]["response"]["location"] == f"http://testserver/fhir/CarePlan/{plan_id}/_history/1"
+    assert plan["subject"] == {"reference": f"Patient/{patient_id}"}
+    assert plan["goal"] == [{"reference": f"Goal/{goal_id}"}]  # once: the plan named it and the case holds it
+    assert plan["addresses"] == [{"reference": f"Condition/{need_id}"}]
+    case = plans_case(store, plan)
+    assert ([g["description"] for g in case.data["goals"]], [n["description"] for n in case.data["needs"]]) == (
+        ["Food security"], ["Food insecurity"])
+    # a second plan for the new patient is a second case of the same client
+    second = get(client, f"/fhir/CarePlan/{second_id}", headers)
+    assert second["subject"] == {"reference": f"Patient/{patient_id}"} and second["title"] == "Housing"
+    assert plans_case(store, second).id != case.id
+    assert len(store.list_cases("org-1")) == 2
+    assert get(client, f"/fhir/CarePlan?patient={patient_id}", headers)["total"] == 2
+    # a plan for a patient of the server, in a transaction, conditionally
+    entry = {"resource": sdoh_plan(patient_id), "request": {"method": "POST", "url": "CarePlan",
+                                                            "ifNoneExist": f"patient={patient_id}&category=sdoh"}}
+    for status in ("201 Created", "200 OK"):
+        response = client.post("/fhir", json={"resourceType": "Bundle", "type": "transaction", "entry": [entry]},
+                               headers=headers)
+        assert response.status_code == 200 and response.json["entry"][0]["response"]["status"] == status
+    assert len(store.list_cases("org-1")) == 3
+
+
+def test_an_invalid_care_plan_is_a_4xx_outcome_and_nothing_changes(client, store, headers):
+    store.add_case("org-1", case_json("realistic"))
+    patient = all_of(client, "Patient", headers)[0]
+    plan = sdoh_plan(patient["id"])
+    bad = [  # (body, status, expression)
+        ({k: v for k, v in plan.items() if k != "subject"}, 400, "CarePlan.subject"),
+        ({**plan, "status": "sort-of"}, 400, "CarePlan.status"),
+        ({**plan, "period": {"start": "2024-02-30"}}, 400, "CarePlan.period.start"),
+        ({**plan, "subject": {"reference": "Patient/unknown"}}, 422, "CarePlan.subject"),
+        ({**plan, "subject": {"reference": f"Group/{patient['id']}"}}, 422, "CarePlan.subject"),
+        ({**plan, "status": "entered-in-error"}, 422, "CarePlan.status"),
+    ]
+    for body, status, expression in bad:
+        response = client.post("/fhir/CarePlan", json=body, headers=headers)
+        assert response.status_code == status, (body, response.json)
+        assert response.mimetype == FHIR and response.json["resourceType"] == "OperationOutcome"
+        assert expression in [e for issue in response.json["issue"] for e in issue.get("expression", ())]
+    response = client.post("/fhir", headers=headers, json={"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": new_patient(), "request": {"method": "POST", "url": "Patient"}},
+        {"resource": {**plan, "status": "entered-in-error"}, "request": {"method": "POST", "url": "CarePlan"}}]})
+    assert response.status_code == 422
+    assert response.json["issue"][0]["expression"] == ["Bundle.entry[1].resource.status"]
+    assert len(store.list_cases("org-1")) == 1
+
+
+# -- ServiceRequest?identifier: an EHR's referral, found and kept single by its own identifier ------
+EHR = "urn:ehr:referral"
+
+
+def test_service_request_search_by_identifier(client, store, headers):
+    store.add_case("org-1", case_json("realistic"))
+    patient = all_of(client, "Patient", headers)[0]
+    response = client.post("/fhir/ServiceRequest", headers=headers, json={
+        **referral(f"Patient/{patient['id']}"), "identifier": [{"system": EHR, "value": "R-100"}]})
+    assert response.status_code == 201, response.json
+    request_id = response.json["id"]
+    assert response.json["identifier"] == [{"system": EHR, "value": "R-100"}]
+    for query, found in ((f"{EHR}|R-100", [request_id]), ("R-100", [request_id]),
+                         (f"{EHR}|R-100,nothing", [request_id]), ("|R-100", []), ("urn:other|R-100", []),
+                         (f"{EHR}|R-1", [])):
+        assert ids(get(client, f"/fhir/ServiceRequest?identifier={query}", headers)) == found, query
+    form = client.post("/fhir/ServiceRequest/_search", data={"identifier": f"{EHR}|R-100"}, headers=headers)
+    assert form.status_code == 200 and ids(form.json) == [request_id]
+    assert ids(get(client, f"/fhir/ServiceRequest?identifier=R-100&patient={patient['id']}&_revinclude=Task:focus",
+                   headers)) == [request_id]
+    # the record's own services, by the record's identifier
+    own = next(r for r in all_of(client, "ServiceRequest", headers) if r["id"] != request_id)
+    (identifier,) = own["identifier"]
+    assert ids(get(client, f"/fhir/ServiceRequest?identifier={identifier['system']}|{identifier['value']}",
+                   headers)) == [own["id"]]
+
+
+def test_conditional_referral_by_identifier_gives_one_request_and_one_intake_case(client, store, headers, make_key):
+    store.add_case("org-1", case_json("realistic"))
+    patient = all_of(client, "Patient", headers)[0]
+    ehr = make_key(["fhir:read", "fhir:write"])
+    sent = {**referral(f"Patient/{patient['id']}"), "identifier": [{"system": EHR, "value": "R-200"}]}
+    condition = {"If-None-Exist": f"identifier={EHR}|R-200"}
+    responses = [client.post("/fhir/ServiceRequest", json=sent, headers={**ehr, **condition}) for _ in range(3)]
+    assert [r.status_code for r in responses] == [201, 200, 200], responses[-1].json
+    assert len({r.json["id"] for r in responses}) == 1 and len({r.headers["Location"] for r in responses}) == 1
+    request_id = responses[0].json["id"]
+    assert len(store.list_cases("org-1")) == 2
+    assert len([c for c in store.list_cases("org-1") if c.data["status"] == "intake"]) == 1
+    assert task_of(client, ehr, request_id)["status"] == "requested"
+    # in a transaction too; another identifier is another referral
+    entry = {"resource": sent, "request": {"method": "POST", "url": "ServiceRequest",
+                                           "ifNoneExist": f"identifier={EHR}|R-200"}}
+    other = {"resource": {**sent, "identifier": [{"system": EHR, "value": "R-201"}]},
+             "request": {"method": "POST", "url": "ServiceRequest", "ifNoneExist": f"identifier={EHR}|R-201"}}
+    response = client.post("/fhir", json={"resourceType": "Bundle", "type": "transaction", "entry": [entry, other]},
+                           headers=ehr)
+    assert response.status_code == 200, response.json
+    assert [e["response"]["status"] for e in response.json["entry"]] == ["200 OK", "201 Created"]
+    assert response.json["entry"][0]["resource"]["id"] == request_id
+    assert len(store.list_cases("org-1")) == 3
