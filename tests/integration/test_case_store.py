@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from service import auth, create_app, services
-from tests.integration.concurrent import at_once
+from tests.integration.simultaneous import at_once
 
 pytestmark = pytest.mark.integration
 

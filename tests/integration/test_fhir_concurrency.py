@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 
 from service import auth, create_app
 from service.store import case_versions, cases
-from tests.integration.concurrent import at_once
+from tests.integration.simultaneous import at_once
 
 pytestmark = pytest.mark.integration
 
@@ -117,8 +117,8 @@ def test_the_same_conditional_patient_create_at_once_makes_one_patient_and_one_c
 def test_the_same_conditional_referral_at_once_makes_one_service_request_and_one_case(app, headers):
     """An EHR sending the same inbound referral several times at once: one intake case, one Task.
 
-    The match is on the patient, the code and the date authored: ServiceRequest has no ``identifier``
-    search parameter on this server (a conditional create naming one is refused with 400)."""
+    The match here is on the patient, the code and the date authored (the match on the referral's
+    identifier: tests/integration/test_service_request_identifier.py)."""
     client = app.test_client()
     created = client.post("/fhir/Patient", json=patient("MRN-REFERRED"), headers=headers)
     assert created.status_code == 201, created.get_data(as_text=True)
