@@ -10,33 +10,18 @@ import pytest
 from alembic import command
 from sqlalchemy import select
 
-from service import auth, create_app, migrations
+from service import migrations
 from service.store import cases, fhir_tokens
 from tests.integration.simultaneous import at_once
-from tests.integration.test_fhir_concurrency import (
-    THREADS, counted, one_created_the_rest_found, patient, referral, search, shown,
+from tests.integration.test_fhir_concurrency import (  # noqa: F401 - app, headers: fixtures
+    ORG, THREADS, app, counted, headers, one_created_the_rest_found, patient, referral, search, shown,
 )
 
 pytestmark = pytest.mark.integration
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "cases"
-ORG = "org-1"
 EHR = "urn:ehr:referral"
 ROUNDS = 4
-
-
-@pytest.fixture
-def app(database_url, tmp_path):
-    app = create_app({"database_url": database_url, "base_url": "http://testserver", "home": tmp_path})
-    yield app
-    app.extensions["casebridge"].store.engine.dispose()
-
-
-@pytest.fixture
-def headers(app):
-    key = auth.create_key(app.extensions["casebridge"].store, ORG,
-                          ["cases:read", "cases:write", "fhir:read", "fhir:write"])
-    return {"Authorization": f"Bearer {key}"}
 
 
 def new_patient(client, headers, mrn: str) -> str:
